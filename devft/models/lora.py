@@ -1,0 +1,120 @@
+"""LoRA through peft: settings, attaching adapters, and the adapter state as named tensors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from devft.models.families import Family, family_of
+
+LoraState = dict[str, torch.Tensor]
+"""Adapter tensors keyed as peft saves them, e.g. ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``."""
+
+
+@dataclass
+class LoraSettings:
+    """Rank, scaling and targets of the LoRA adapters every client trains."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank r (> 0)."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    targets: tuple[str, ...] = field(
+        default=(), metadata={"help": "Module names to adapt; empty = the family preset (attention + MLP)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if int(self.r) != self.r or self.r <= 0:
+            raise ValueError(f"lora.r must be a positive integer, got r={self.r!r}")
+        self.r = int(self.r)
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got alpha={self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got dropout={self.dropout!r}")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.r
+
+    def peft_config(self, family: Family) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets or family.lora_targets),
+            fan_in_fan_out=family.fan_in_fan_out,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA adapters (A seeded, B = 0, so the model's output is unchanged)."""
+    family = family_of(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, settings.peft_config(family))
+    return peft_model
+
+
+def lora_state(model: nn.Module) -> LoraState:
+    """The adapter tensors of a peft model (detached views of the live parameters, no copies)."""
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's adapters; every adapter key must be present with its shape."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(
+            f"LoRA state does not match the model: missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}"
+        )
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"LoRA tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+    set_peft_model_state_dict(model, {k: torch.as_tensor(v) for k, v in state.items()})
+
+
+_LAYER_RE_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _layer_pattern(family: Family) -> re.Pattern[str]:
+    if family.name not in _LAYER_RE_CACHE:
+        _LAYER_RE_CACHE[family.name] = re.compile(r"^(.*?\b" + re.escape(family.layers_path) + r")\.(\d+)\.(.+)$")
+    return _LAYER_RE_CACHE[family.name]
+
+
+def split_layer_key(key: str, family: Family) -> tuple[str, int, str] | None:
+    """Split ``…model.layers.7.self_attn.q_proj.lora_A.weight`` into (prefix, 7, suffix); None if no layer."""
+    match = _layer_pattern(family).match(key)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), match.group(3)
+
+
+def layer_key(prefix: str, index: int, suffix: str) -> str:
+    """Inverse of :func:`split_layer_key`."""
+    return f"{prefix}.{index}.{suffix}"
+
+
+def lora_by_layer(state: Mapping[str, torch.Tensor], family: Family) -> dict[int, dict[str, torch.Tensor]]:
+    """Group a LoRA state by decoder layer: ``{layer: {suffix: tensor}}``; non-layer keys are refused."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        parts = split_layer_key(key, family)
+        if parts is None:
+            raise KeyError(f"LoRA key {key!r} is not inside a decoder layer of family {family.name!r}")
+        out.setdefault(parts[1], {})[parts[2]] = value
+    return out
+
+
+def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(int(v.numel()) for v in state.values())

