@@ -1,1 +1,6 @@
-"""TODO package docstring."""
+"""Run reports: report.md and plots of one run, comparison tables and plots of several."""
+
+from devft.reports.report import write_comparison, write_report
+from devft.reports.runs import RunRecords, cost_to_target, read_run
+
+__all__ = ["RunRecords", "cost_to_target", "read_run", "write_comparison", "write_report"]

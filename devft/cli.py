@@ -1,0 +1,182 @@
+"""The ``devft`` command: simulate, compare, train centrally, evaluate adapters, inspect partitions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_ROOT / "simulations" / "configs" / "quickstart.toml"
+
+
+def _config(path: str | None, sets: list[str], default_quickstart: bool = True):
+    from devft.config import load_config, parse_overrides
+
+    if path is None and default_quickstart and QUICKSTART.exists():
+        path = str(QUICKSTART)
+    return load_config(path, parse_overrides(sets or []))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    config = _config(args.config, args.set)
+    from server.launch import simulate
+
+    run_dir = simulate(config, Path(args.out), resume=args.resume)
+    print(f"run directory: {run_dir}\nreport: {run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from devft.config import load_config, parse_overrides
+    from devft.reports import write_comparison
+    from server.launch import simulate
+
+    out = Path(args.out)
+    overrides = parse_overrides(args.set or [])
+    configs = [(Path(p).stem, load_config(p, overrides)) for p in args.configs]  # validate all before running any
+    names = [name for name, _ in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare needs config files with distinct names, got {names}")
+    run_dirs = []
+    for name, config in configs:
+        run_dir = out / name
+        if args.reuse and (run_dir / "summary.json").exists():
+            print(f"reusing {run_dir}")
+        else:
+            simulate(config, run_dir, resume=(run_dir / "checkpoint").exists())
+        run_dirs.append(run_dir)
+    table = write_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss)
+    print(table.read_text())
+    print(f"comparison: {table}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from devft.central import run_central
+
+    config = _config(args.config, args.set)
+    summary = run_central(config, args.out)
+    b, a = summary["before"], summary["after"]
+    print(f"before: eval loss {b['loss']:.4f}, accuracy {b['accuracy']}")
+    print(f"after:  eval loss {a['loss']:.4f}, accuracy {a['accuracy']}  ({summary['train']['steps']} steps, "
+          f"{summary['train']['wall_s']:.0f} s)")
+    print(f"adapter: {Path(args.out) / 'adapter'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from peft import PeftModel
+
+    from devft.data.federated import build_federated_data
+    from devft.models import load_model
+    from devft.training import evaluate
+
+    config = _config(args.config, args.set)
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"--adapter {str(adapter)!r} holds no adapter_config.json (not a peft adapter)")
+    loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
+    model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    data = build_federated_data(config.data)
+    result = evaluate(model, loaded.tokenizer, data.test, config.eval, config.data.max_length)
+    print(json.dumps({"eval_loss": result.loss, "eval_accuracy": result.accuracy,
+                      "family_accuracy": result.family_accuracy, "num_examples": result.num_examples}, indent=2))
+    return 0
+
+
+def _cmd_partitions(args: argparse.Namespace) -> int:
+    from devft.data.federated import build_federated_data
+    from devft.data.partition import family_histogram, format_histogram
+
+    config = _config(args.config, args.set)
+    data = build_federated_data(config.data)
+    examples = [ex for part in data.partitions for ex in part]
+    offsets = [0]
+    for part in data.partitions:
+        offsets.append(offsets[-1] + len(part))
+    indices = [list(range(a, b)) for a, b in zip(offsets, offsets[1:])]
+    print(format_histogram(family_histogram(examples, indices)))
+    print(f"held-out test set: {len(data.test)} examples")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from devft.config import config_to_dict, describe
+
+    if args.config or args.set:
+        print(json.dumps(config_to_dict(_config(args.config, args.set, default_quickstart=False)), indent=2))
+    else:
+        print(describe())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from devft.reports import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, default_help: str) -> None:
+        p.add_argument("config", nargs="?", help=default_help)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+    p = sub.add_parser("simulate", help="federated simulation on Flower's simulation engine (Ray)")
+    with_config(p, "TOML config (default: simulations/configs/quickstart.toml)")
+    p.add_argument("--out", default="runs/latest", help="run directory (default: runs/latest)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("compare", help="run several configs on identical settings and compare them")
+    p.add_argument("configs", nargs="+", help="TOML configs, one per method")
+    p.add_argument("--out", required=True, help="directory for the runs and comparison.md")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every config")
+    p.add_argument("--target-eval-loss", type=float, default=0.0, help="cost-to-target threshold (default: worst final)")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs already in --out")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("train", help="centralised LoRA training on all clients' data (upper bound)")
+    with_config(p, "TOML config (default: the quickstart)")
+    p.add_argument("--out", default="runs/central", help="output directory (default: runs/central)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter on the full model")
+    with_config(p, "TOML config naming model and data (default: the quickstart)")
+    p.add_argument("--adapter", required=True, help="adapter directory (peft format)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("partitions", help="show the per-client task-family histogram")
+    with_config(p, "TOML config (default: the quickstart)")
+    p.set_defaults(func=_cmd_partitions)
+
+    p = sub.add_parser("config", help="list every config key with its default and help, or resolve a config")
+    with_config(p, "TOML config to resolve (optional)")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"devft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

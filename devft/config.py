@@ -1,0 +1,248 @@
+"""The run configuration: one validated dataclass per section, filled from TOML, Flower's run config or the CLI.
+
+Every knob is a dataclass field with a default and a one-line ``help``; a bad value raises ``ValueError``
+naming the field and the value. Keys are ``section.field`` (``lora.r``, ``data.alpha``); dashes and
+underscores are interchangeable, so Flower's kebab-case run-config keys work as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devft.data.settings import DataSettings
+from devft.growth.settings import GrowthSettings
+from devft.models.lora import LoraSettings
+from devft.training.settings import EvalSettings, TrainSettings
+
+METHODS = ("devft", "fedit", "progfed")
+WIRE_DTYPES = ("float32", "float16")
+FAULT_MODES = ("raise", "nan", "shape", "keys", "no-examples")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSettings:
+    """Which base model every client fine-tunes."""
+
+    name: str = field(
+        default="smollm2-135m",
+        metadata={"help": "smollm2-135m (embedded default), tiny-llama|tiny-qwen2|tiny-mistral|tiny-gpt2, a local path or a hub id."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Base-weight dtype: float32, bfloat16 or float16."})
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name must not be empty")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
+
+
+@dataclass
+class FederationSettings:
+    """The federated run: method, rounds, sampling, fault tolerance and evaluation cadence."""
+
+    method: str = field(default="devft", metadata={"help": "devft (growing submodels), fedit (full model) or progfed."})
+    aggregation: str = field(default="fedit", metadata={"help": "LoRA aggregation rule: fedit, ffa, fedsa, flora, fedex, svd."})
+    num_rounds: int = field(default=12, metadata={"help": "Total federated rounds over all stages (>= 1)."})
+    clients_per_round: int = field(default=4, metadata={"help": "Clients sampled each round (>= 1, <= data.num_clients)."})
+    min_replies: int = field(default=1, metadata={"help": "A round aggregates when at least this many clients replied."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate the full model every k rounds (and always at the end)."})
+    target_eval_loss: float = field(default=0.0, metadata={"help": "Report time/bytes/FLOPs to reach this eval loss; 0 = none."})
+    seed: int = field(default=0, metadata={"help": "Seed of client sampling and LoRA initialisation."})
+    client_cpus: float = field(default=1.0, metadata={"help": "CPUs per simulated client (Ray resources)."})
+    client_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per simulated client (Ray resources)."})
+    wire_dtype: str = field(default="float32", metadata={"help": "dtype of LoRA arrays on the wire: float32 or float16."})
+    reply_timeout_s: float = field(default=3600.0, metadata={"help": "Seconds a round waits for client replies (> 0)."})
+    fault_injection: str = field(
+        default="",
+        metadata={
+            "help": "TEST HOOK, leave empty: 'PARTITION:MODE,…' makes that client misbehave "
+            f"(modes {', '.join(FAULT_MODES)})."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"federation.method must be one of {METHODS}, got method={self.method!r}")
+        for name in ("num_rounds", "clients_per_round", "min_replies", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"federation.{name} must be >= 1, got {name}={getattr(self, name)!r}")
+        if self.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"federation.min_replies={self.min_replies} exceeds clients_per_round={self.clients_per_round}"
+            )
+        if self.target_eval_loss < 0 or not math.isfinite(self.target_eval_loss):
+            raise ValueError(f"federation.target_eval_loss must be >= 0, got {self.target_eval_loss!r}")
+        if self.client_cpus <= 0:
+            raise ValueError(f"federation.client_cpus must be > 0, got client_cpus={self.client_cpus!r}")
+        if self.client_gpus < 0:
+            raise ValueError(f"federation.client_gpus must be >= 0, got client_gpus={self.client_gpus!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"federation.wire_dtype must be one of {WIRE_DTYPES}, got wire_dtype={self.wire_dtype!r}")
+        if not self.reply_timeout_s > 0:
+            raise ValueError(f"federation.reply_timeout_s must be > 0, got reply_timeout_s={self.reply_timeout_s!r}")
+        self.faults()  # validates fault_injection
+
+    def faults(self) -> dict[int, str]:
+        """``fault_injection`` parsed to ``{partition_id: mode}`` (test hook; empty in real runs)."""
+        out: dict[int, str] = {}
+        for item in (p.strip() for p in self.fault_injection.split(",")):
+            if not item:
+                continue
+            pid, sep, mode = item.partition(":")
+            if not sep or not pid.strip().isdigit() or mode.strip() not in FAULT_MODES:
+                raise ValueError(
+                    f"federation.fault_injection items are PARTITION:MODE with MODE in {FAULT_MODES}, "
+                    f"got fault_injection={self.fault_injection!r}"
+                )
+            out[int(pid)] = mode.strip()
+        return out
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; identical on the server and on every client."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    growth: GrowthSettings = field(default_factory=GrowthSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+
+    def __post_init__(self) -> None:
+        if self.federation.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={self.federation.clients_per_round} exceeds "
+                f"data.num_clients={self.data.num_clients}"
+            )
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
+
+
+def _norm(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert ``value`` (from TOML, Flower's run config or a CLI string) to the field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        return _coerce(value, options[0], where)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list (or comma-separated string), got {value!r}")
+        return tuple(_coerce(v, item, where) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} expects {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lora": {"r": 8}}`` → ``{"lora.r": 8}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from ``section.field`` keys on top of ``base`` (or the defaults)."""
+    sections = {name: dataclasses.asdict(getattr(base or RunConfig(), name)) for name in SECTIONS}
+    for raw_key, value in values.items():
+        key = _norm(raw_key)
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ValueError(f"unknown config key {raw_key!r}: sections are {sorted(SECTIONS)}")
+        hints = typing.get_type_hints(SECTIONS[section])
+        if name not in hints:
+            raise ValueError(f"unknown config key {raw_key!r}: {section} has {sorted(hints)}")
+        sections[section][name] = _coerce(value, hints[name], key)
+    built = {name: SECTIONS[name](**fields) for name, fields in sections.items()}
+    return RunConfig(**built)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config (sections as tables) and apply ``overrides`` (``section.field`` → value)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        with path.open("rb") as fh:
+            values = flatten(tomllib.load(fh))
+    values.update(overrides or {})
+    return config_from_flat(values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["lora.r=16", "data.alpha=0.3"]`` → mapping; refuses items without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Nested plain dict (tuples as lists), e.g. for summary.json."""
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(config, name)).items()} for name in SECTIONS}
+
+
+def config_to_flat(config: RunConfig) -> dict[str, bool | int | float | str]:
+    """Flat ``section.field`` scalars (tuples as comma strings): what Flower's run config can carry."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, fields in config_to_dict(config).items():
+        for key, value in fields.items():
+            flat[f"{section}.{key}"] = ",".join(str(v) for v in value) if isinstance(value, list) else value
+    return flat
+
+
+def describe() -> str:
+    """Every key with its default and help text (``devft config``)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

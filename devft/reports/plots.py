@@ -1,0 +1,77 @@
+"""Plots of one run and of several runs side by side (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from devft.reports.runs import RunRecords  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run: RunRecords, out_dir: Path) -> list[Path]:
+    """Loss, bytes per round and submodel size of one run; returns the written files."""
+    written = []
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, style in (("train_loss", "-"), ("submodel_eval_loss", ":"), ("eval_loss", "-o")):
+        xs, ys = run.series(key)
+        if xs:
+            ax.plot(xs, ys, style, label=key.replace("_", " "))
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run.label}: loss")
+    ax.legend()
+    written.append(_save(fig, out_dir / "loss.png"))
+
+    fig, ax1 = plt.subplots(figsize=(6.4, 4))
+    rounds = [int(r["round"]) for r in run.rounds]
+    up = [float(r.get("bytes_up") or 0) / 2**20 for r in run.rounds]
+    down = [float(r.get("bytes_down") or 0) / 2**20 for r in run.rounds]
+    ax1.bar(rounds, down, label="down (MiB)", color="tab:blue")
+    ax1.bar(rounds, up, bottom=down, label="up (MiB)", color="tab:orange")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("MiB per round")
+    ax2 = ax1.twinx()
+    ax2.step(rounds, [r.get("submodel_layers") or 0 for r in run.rounds], where="mid", color="black", label="layers")
+    ax2.set_ylabel("submodel layers")
+    ax1.legend(loc="upper left")
+    ax1.set_title(f"{run.label}: communication and growth")
+    written.append(_save(fig, out_dir / "bytes_and_layers.png"))
+    return written
+
+
+def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
+    """Eval loss against round, cumulative client compute and cumulative bytes, one line per run."""
+    written = []
+    axes_spec = (
+        ("round", "round", lambda r: [int(x["round"]) for x in r.rounds]),
+        ("client_flops", "cumulative client training FLOPs", lambda r: r.cumulative("train_flops")),
+        ("client_seconds", "cumulative client training seconds", lambda r: r.cumulative("client_train_s_sum")),
+        ("bytes", "cumulative bytes (up + down, MiB)", lambda r: [
+            (u + d) / 2**20 for u, d in zip(r.cumulative("bytes_up"), r.cumulative("bytes_down"))
+        ]),
+    )
+    for name, xlabel, xfun in axes_spec:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for run in runs:
+            xs_all = xfun(run)
+            pts = [(xs_all[i], float(row["eval_loss"])) for i, row in enumerate(run.rounds) if row.get("eval_loss") is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=run.label, markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("full-model eval loss")
+        ax.legend()
+        ax.set_title(f"eval loss vs {xlabel}")
+        written.append(_save(fig, out_dir / f"eval_loss_vs_{name}.png"))
+    return written

@@ -1,0 +1,77 @@
+"""Reading a run directory back: per-round records, the summary, and cumulative cost curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunRecords:
+    """What a finished (or interrupted) run directory holds."""
+
+    path: Path
+    rounds: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return str(self.summary.get("label") or self.summary.get("method") or self.path.name)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(rounds, values) of ``key`` over the rounds where it was recorded (not None)."""
+        xs, ys = [], []
+        for row in self.rounds:
+            value = row.get(key)
+            if value is not None:
+                xs.append(int(row["round"]))
+                ys.append(float(value))
+        return xs, ys
+
+    def cumulative(self, key: str) -> list[float]:
+        """Running total of ``key`` (missing counts as 0), one entry per round.
+
+        ``client_train_s_sum`` (all clients' training seconds of a round) falls back to
+        ``client_train_s_mean × clients_ok`` when a run did not record the sum.
+        """
+        total, out = 0.0, []
+        for row in self.rounds:
+            value = row.get(key)
+            if value is None and key == "client_train_s_sum":
+                value = float(row.get("client_train_s_mean") or 0.0) * int(row.get("clients_ok") or 0)
+            total += float(value or 0.0)
+            out.append(total)
+        return out
+
+
+def read_run(path: str | Path) -> RunRecords:
+    """Load ``metrics.jsonl`` and ``summary.json`` (empty when the run did not finish) of a run directory."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics} does not exist: is {str(path)!r} a devft run directory?")
+    rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return RunRecords(path=path, rounds=rounds, summary=summary)
+
+
+def cost_to_target(run: RunRecords, target_eval_loss: float) -> dict[str, float | int | None]:
+    """Rounds, wall seconds, client compute (seconds, FLOPs) and bytes until eval loss first ≤ target."""
+    wall = run.cumulative("round_wall_s")
+    flops = run.cumulative("train_flops")
+    client_s = run.cumulative("client_train_s_sum")
+    up, down = run.cumulative("bytes_up"), run.cumulative("bytes_down")
+    for i, row in enumerate(run.rounds):
+        loss = row.get("eval_loss")
+        if loss is not None and float(loss) <= target_eval_loss:
+            return {
+                "round": int(row["round"]),
+                "wall_s": wall[i],
+                "client_train_s": client_s[i],
+                "train_flops": flops[i],
+                "bytes": up[i] + down[i],
+            }
+    return {"round": None, "wall_s": None, "client_train_s": None, "train_flops": None, "bytes": None}

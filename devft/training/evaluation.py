@@ -1,0 +1,112 @@
+"""Evaluation on held-out examples: response-token loss and exact-match accuracy by greedy generation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from devft.data.formatting import answers_match, collate, collate_prompts, encode_for_training, encode_prompt
+from devft.training.settings import EvalSettings
+
+Example = dict[str, str]
+
+
+@dataclass
+class EvalResult:
+    """Held-out metrics of one model state."""
+
+    loss: float  # mean cross-entropy per response token
+    accuracy: float | None  # exact-match rate of greedy answers; None when generation was off
+    num_examples: int
+    family_accuracy: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt input, reference, answer)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int, max_length: int
+) -> float:
+    """Mean cross-entropy per response token over ``examples`` (teacher forcing)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    count = 0
+    encoded = [encode_for_training(tokenizer, ex, max_length) for ex in examples]
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # (batch, seq-1)
+        total += float(
+            nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
+        count += int((labels != -100).sum())
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers to ``examples`` (left-padded batches), decoded up to the end-of-turn token."""
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None and i >= 0})
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [encode_prompt(tokenizer, ex, max_length) for ex in examples[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids,
+        )
+        for row in out[:, batch["input_ids"].shape[1] :]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    settings: EvalSettings | None = None,
+    max_length: int = 128,
+) -> EvalResult:
+    """Loss and (when ``settings.generate``) exact-match accuracy, overall and per task family."""
+    settings = settings or EvalSettings()
+    if settings.max_examples:
+        examples = examples[: settings.max_examples]
+    if len(examples) == 0:
+        raise ValueError("evaluate got 0 examples")
+    loss = eval_loss(model, tokenizer, examples, settings.batch_size, max_length)
+    if not settings.generate:
+        return EvalResult(loss=loss, accuracy=None, num_examples=len(examples))
+    answers = generate_answers(model, tokenizer, examples, settings.batch_size, max_length, settings.max_new_tokens)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    correct = []
+    for ex, answer in zip(examples, answers):
+        ok = answers_match(answer, ex["output"])
+        correct.append(ok)
+        hits[ex.get("family", "user")].append(ok)
+    return EvalResult(
+        loss=loss,
+        accuracy=sum(correct) / len(correct),
+        num_examples=len(examples),
+        family_accuracy={fam: sum(v) / len(v) for fam, v in sorted(hits.items())},
+        samples=[(ex["input"] or ex["instruction"], ex["output"], a) for ex, a in zip(examples[:5], answers[:5])],
+    )
