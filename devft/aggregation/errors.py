@@ -1,0 +1,21 @@
+"""The named exceptions of aggregation: a reply that cannot be aggregated says who, where and why."""
+
+from __future__ import annotations
+
+
+class InvalidUpdateError(ValueError):
+    """A client's reply cannot be aggregated; ``client`` (index among the replies) and ``key`` say where."""
+
+    def __init__(self, message: str, *, client: int | None = None, key: str | None = None) -> None:
+        where = []
+        if client is not None:
+            where.append(f"client {client}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.client = client
+        self.key = key
+
+
+class NonFiniteUpdateError(InvalidUpdateError):
+    """A client's reply holds NaN or Inf (or the weighted sum overflowed; then ``client`` is None)."""

@@ -1,0 +1,30 @@
+"""FFA-LoRA: A frozen at a shared random initialisation, only B trained and averaged (Sun et al.,
+"Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
+
+Every client initialises A from the same seed and freezes it; ``B̄ = Σ p_k B_k``. Exact, because A is
+common: ``B̄ A = Σ p_k B_k A``. Half the traffic of FedIT (B only, ``r · d_out`` per module each way).
+Client: attach LoRA with the shared seed, :func:`~devft.aggregation.client_side.freeze_lora_A`, load B̄,
+train, send B. The server sends A as well (``downlink(full=True)``) when A changes, e.g. at the start of a
+DevFT stage, where A is the fused (and afterwards transferred) A of the new submodel.
+"""
+
+from __future__ import annotations
+
+from devft.aggregation.base import AggregationRule, ServerState, Update, register
+
+
+@register
+class FFA(AggregationRule):
+    """Average B only; A stays the shared, frozen initialisation."""
+
+    name = "ffa"
+    paper = "Sun et al., Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
+    uploads = ("lora_B",)
+    downloads = ("lora_B",)
+    full_downloads = ("lora_A", "lora_B")
+    frozen = ("lora_A",)
+    exact = True
+
+    def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
+        avg = self._average(updates, p, self.upload_keys(state.lora))
+        return ServerState(lora={**state.lora, **avg}, base_delta=dict(state.base_delta))

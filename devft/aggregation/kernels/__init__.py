@@ -1,0 +1,149 @@
+"""The fused weighted sum over clients (and over layers, for DBLF fusion): backends and dispatch."""
+
+# Backends, all with the signature of :func:`devft.aggregation.reference.weighted_sum_many_reference`:
+#
+# - ``reference``: pure loops, one tensor at a time (:mod:`devft.aggregation.reference`).
+# - ``torch``: blocks of all clients staged side by side, one gemv per block (:mod:`.torch_blocked`); any
+#   device, and the only one that reads Flower records' bytes in place.
+# - ``triton``: one kernel launch over a pointer table of every client's tensors (:mod:`.triton_wsum`); CUDA
+#   tensors, or CPU tensors under Triton's interpreter. Needs ``pip install devft[triton]``.
+#
+# ``auto`` picks ``triton`` for CUDA tensors when Triton is installed, else ``torch``; tensors that need
+# gradients always go to ``reference`` (the only differentiable one).
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weighted_sum_many_torch
+from devft.aggregation.reference import weighted_sum_many_reference, weighted_sum_reference
+from devft.aggregation.sources import RecordSource, as_source
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "client_sq_norms",
+    "resolve_backend",
+    "triton_available",
+    "weighted_sum",
+    "weighted_sum_many",
+]
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (it is imported only when the backend is used)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this environment (``triton`` only where it is installed)."""
+    return ["reference", "torch"] + (["triton"] if triton_available() else [])
+
+
+def _triton_module() -> Any:
+    try:
+        return importlib.import_module("devft.aggregation.kernels.triton_wsum")
+    except ImportError as err:
+        raise ImportError(
+            f"the triton aggregation backend needs Triton ({err}); install it with `pip install devft[triton]`"
+        ) from err
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` (``auto`` or a name) and the device the data is on."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown aggregation backend={backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "triton" and not triton_available():
+        raise ImportError("backend='triton' needs Triton; install it with `pip install devft[triton]`")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "torch"
+
+
+def _first_device(updates: Sequence[Any]) -> torch.device:
+    src = as_source(updates[0])
+    keys = src.keys()
+    return src.device(keys[0]) if keys else torch.device("cpu")
+
+
+def _needs_grad(updates: Sequence[Any]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for u in updates:
+        if isinstance(as_source(u), RecordSource):
+            continue
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in u.values()):
+            return True
+    return False
+
+
+def weighted_sum_many(
+    updates: Sequence[Any],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    keys: Sequence[str] | None = None,
+    clip_norm: float | None = None,
+    check_finite: bool = True,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{key: Σ_k weights[k] · c_k · updates[k][key]}`` for every key, in one pass over memory.
+
+    ``updates``: one mapping ``{key: tensor}`` or Flower ``ArrayRecord`` per client (records are read in
+    place, never deserialised array by array). ``weights``: one finite real number per client, used as
+    given (normalise them yourself for a weighted mean). ``c_k = min(1, clip_norm / ‖x_k‖)`` with
+    ``clip_norm``, else 1. Accumulates in fp32 (fp64 for fp64 inputs) and returns the input dtype unless
+    ``out_dtype``. ``check_finite`` raises :class:`~devft.aggregation.errors.NonFiniteUpdateError` naming
+    the client and key holding NaN/Inf. ``threads``: CPU threads of the torch backend (default 1, see
+    :func:`~devft.aggregation.kernels.torch_blocked.default_threads`). Results may be views into one flat
+    buffer.
+    """
+    if len(updates) == 0:
+        raise ValueError("weighted sum needs at least one update, got 0")
+    kwargs: dict[str, Any] = dict(keys=keys, clip_norm=clip_norm, check_finite=check_finite, out_dtype=out_dtype)
+    if _needs_grad(updates):
+        return weighted_sum_many_reference(updates, weights, **kwargs)
+    chosen = resolve_backend(backend, _first_device(updates))
+    if chosen == "reference":
+        return weighted_sum_many_reference(updates, weights, **kwargs)
+    if chosen == "triton":
+        return _triton_module().weighted_sum_many_triton(updates, weights, **kwargs)
+    return weighted_sum_many_torch(updates, weights, threads=threads, **kwargs)
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Return ``Σ_k weights[k] · tensors[k]``, accumulated in fp32, in the dtype of ``tensors[0]``.
+
+    The contract of :func:`devft.aggregation.reference.weighted_sum_reference` (same shapes, one weight
+    per tensor, any real weights), dispatched to the fastest backend for the tensors' device. Tensors that
+    need gradients, or that mix dtypes or devices, take the reference path.
+    """
+    if len(tensors) == 0:
+        raise ValueError("weighted_sum needs at least one tensor, got 0")
+    first = tensors[0]
+    for k, t in enumerate(tensors):
+        if t.shape != first.shape:
+            raise ValueError(f"weighted_sum tensor {k} has shape {tuple(t.shape)}, expected {tuple(first.shape)}")
+    mixed = any(t.dtype != first.dtype or t.device != first.device for t in tensors)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if backend == "reference" or mixed or grad:
+        return weighted_sum_reference(tensors, weights)
+    updates = [{"x": t} for t in tensors]
+    return weighted_sum_many(updates, weights, check_finite=False, backend=backend)["x"]
+
+
+def client_sq_norms(updates: Sequence[Any], keys: Sequence[str] | None = None) -> torch.Tensor:
+    """``‖x_k‖²`` of each client over all ``keys`` (fp64, one pass; what norm clipping needs first)."""
+    return client_sq_norms_torch(updates, keys)

@@ -1,0 +1,264 @@
+"""The vectorised torch backend: blocks of all clients staged side by side, one matrix-vector product each.
+
+Per-array torch ops cost microseconds each, and one round of SmolLM2-135M LoRA from 32 clients is 13 440
+arrays, so the sum never touches arrays one by one with torch. The flat space of all keys (of one dtype) is
+cut into blocks of ``L`` elements; for each block every client's element ranges are copied into row ``k`` of
+a small scratch matrix ``(clients, L)`` that stays in cache (``memmove`` straight out of the received
+``.npy`` bytes for Flower records, one ``torch.cat`` for tensors), and ``out[block] = scratchᵀ · w`` is one
+BLAS gemv in fp32 (fp64 for fp64 inputs). Main memory sees each input byte read once and each output byte
+written once. With several threads, blocks are spread over them: ``memmove``, ``torch.cat`` and the gemv
+all run without the GIL, so the copies of different blocks overlap; with one thread the copies are
+memoryview slice assignments, which cost less per call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from devft.aggregation._plan import (
+    Group,
+    check_weights,
+    compute_dtype,
+    gc_paused,
+    is_finite,
+    plan_groups,
+    raise_nonfinite,
+    split_output,
+)
+from devft.aggregation.sources import as_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 4 << 20  # scratch (clients, L) of about 4 MiB per thread: cache-resident (measured best)
+_memmove = ctypes.memmove  # a ctypes foreign function: releases the GIL while it copies
+
+Segment = tuple[int, int, int, int]  # (key index, start element in key, end element in key, offset in block)
+
+
+def default_threads() -> int:
+    """Threads for the blocked sum when none is asked for: one.
+
+    Measured on the 2-core development machine shared with other jobs (docs/benchmarks.md): 32 clients of
+    SmolLM2 r=8 LoRA took 125 ms with one thread and 151 ms with two (median of 9, interleaved). Several
+    threads overlap the copies of different blocks and should pay on an idle many-core server: pass
+    ``threads`` there, after measuring.
+    """
+    return 1
+
+
+def _blocks(group: Group, length: int) -> list[tuple[int, int, list[Segment]]]:
+    """Cut the group's flat space into ``(start, count, segments)`` blocks of at most ``length`` elements.
+
+    Whole tensors are packed into a block while they fit (one copy per client and tensor); only tensors
+    longer than a block are cut. Blocks are consecutive ranges of the flat output.
+    """
+    blocks: list[tuple[int, int, list[Segment]]] = []
+    segs: list[Segment] = []
+    filled, start = 0, 0
+
+    def close() -> None:
+        nonlocal segs, filled, start
+        if segs:
+            blocks.append((start, filled, segs))
+            start, segs, filled = start + filled, [], 0
+
+    for index, n in enumerate(group.numels):
+        if n == 0:
+            continue
+        if filled + n > length:
+            close()
+        pos = 0
+        while n - pos > length - filled:  # longer than what is left of the block: cut
+            take = length - filled
+            segs.append((index, pos, pos + take, filled))
+            filled, pos = filled + take, pos + take
+            close()
+        if pos < n:
+            segs.append((index, pos, n, filled))
+            filled += n - pos
+    close()
+    return blocks
+
+
+def _row_length(clients: int, group: Group, block_bytes: int) -> int:
+    return max(1024, min(group.total, block_bytes // max(1, clients * group.itemsize)))
+
+
+class _Scratch:
+    """One thread's ``(clients, length)`` staging matrix (plus its fp32 twin for half-precision inputs)."""
+
+    def __init__(self, group: Group, length: int, device: torch.device) -> None:
+        self.group = group
+        self.matrix = torch.empty((len(group.elements), length), dtype=group.dtype, device=device)
+        self.rows = list(self.matrix.unbind(0))
+        self.row_addresses = [self.matrix.data_ptr() + c * length * group.itemsize for c in range(len(self.rows))]
+        self.row_bytes = [memoryview(row.numpy()).cast("B") if els and isinstance(els[0], memoryview) else None
+                          for row, els in zip(self.rows, group.elements)]
+        cdt = compute_dtype(group.dtype)
+        self.converted = self.matrix if cdt == group.dtype else torch.empty_like(self.matrix, dtype=cdt)
+
+    def stage(self, count: int, segments: list[Segment]) -> torch.Tensor:
+        """Fill the rows with the block's segments; return the ``(clients, count)`` block in compute dtype."""
+        isz = self.group.itemsize
+        byte_segs: list[tuple[int, int, int, int]] | None = None
+        for els, row, row_address, row_bytes in zip(self.group.elements, self.rows, self.row_addresses,
+                                                    self.row_bytes):
+            if row_bytes is not None:  # byte views of the received bytes: slice assignment (holds the GIL)
+                if byte_segs is None:
+                    byte_segs = [(i, a * isz, d * isz, (b - a) * isz) for i, a, b, d in segments]
+                for i, a, d, n in byte_segs:
+                    row_bytes[d : d + n] = els[i][a : a + n]
+            elif els and isinstance(els[0], int):  # addresses inside the received bytes: memmove without the GIL
+                if byte_segs is None:
+                    byte_segs = [(i, a * isz, d * isz, (b - a) * isz) for i, a, b, d in segments]
+                for i, a, d, n in byte_segs:
+                    _memmove(row_address + d, els[i] + a, n)
+            elif len(segments) == 1:
+                i, a, b, _ = segments[0]
+                row[:count].copy_(els[i][a:b])
+            else:
+                torch.cat([els[i][a:b] for i, a, b, _ in segments], out=row[:count])
+        block = self.matrix[:, :count]
+        if self.converted is not self.matrix:
+            converted = self.converted[:, :count]
+            converted.copy_(block)
+            return converted
+        return block
+
+
+def _for_each_block(group: Group, device: torch.device, block_bytes: int, threads: int, fn: Any) -> None:
+    """Call ``fn(start, count, block)`` for every staged block, spread over ``threads`` threads."""
+    clients = len(group.elements)
+    length = _row_length(clients, group, block_bytes)
+    blocks = _blocks(group, length)
+    local = threading.local()
+
+    def work(item: tuple[int, int, list[Segment]]) -> None:
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = _Scratch(group, length, device)
+        start, count, segs = item
+        fn(start, count, scratch.stage(count, segs))
+
+    if threads <= 1 or len(blocks) < 2 or device.type != "cpu":
+        for item in blocks:
+            work(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(blocks)), thread_name_prefix="devft-wsum") as pool:
+        for _ in pool.map(work, blocks):
+            pass
+
+
+def client_sq_norms_torch(updates: Sequence[Any], keys: Sequence[str] | None = None,
+                          block_bytes: int = DEFAULT_BLOCK_BYTES, threads: int | None = None) -> torch.Tensor:
+    """``‖x_k‖²`` over all ``keys`` of each client, fp64, one pass over memory (clipping needs them first)."""
+    sources = [as_source(u) for u in updates]
+    threads = threads or default_threads()
+    with gc_paused():
+        groups, device = plan_groups(sources, keys, record_views=threads == 1)
+        return _sq_norms(groups, len(sources), device, block_bytes, threads)
+
+
+def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_bytes: int,
+              threads: int) -> torch.Tensor:
+    parts: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def accumulate(start: int, count: int, block: torch.Tensor) -> None:
+        part = block.pow(2).sum(dim=1, dtype=torch.float64)
+        with lock:
+            parts.append(part)
+
+    for group in groups:
+        if group.total > 0:
+            _for_each_block(group, device, block_bytes, threads, accumulate)
+    if not parts:
+        return torch.zeros(clients, dtype=torch.float64, device=device)
+    return torch.stack(parts).sum(dim=0)
+
+
+def weighted_sum_many_torch(
+    updates: Sequence[Any],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    keys: Sequence[str] | None = None,
+    clip_norm: float | None = None,
+    check_finite: bool = True,
+    out_dtype: torch.dtype | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{key: Σ_k weights[k] · updates[k][key]}`` for every key, in one pass over memory.
+
+    Same contract as :func:`devft.aggregation.reference.weighted_sum_many_reference`; ``block_bytes`` is
+    the size of one thread's staging matrix and ``threads`` the number of threads (default
+    :func:`default_threads`).
+    """
+    with gc_paused():
+        flats = weighted_sum_flat_torch(updates, weights, keys=keys, clip_norm=clip_norm,
+                                        check_finite=check_finite, block_bytes=block_bytes, threads=threads)
+        out: dict[str, torch.Tensor] = {}
+        for group, flat in flats:
+            out.update(split_output(flat, group, out_dtype))
+        order = list(keys) if keys is not None else as_source(updates[0]).keys()
+        return {k: out[k] for k in order}
+
+
+def weighted_sum_flat_torch(
+    updates: Sequence[Any],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    keys: Sequence[str] | None = None,
+    clip_norm: float | None = None,
+    check_finite: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    threads: int | None = None,
+) -> list[tuple[Group, torch.Tensor]]:
+    """The sums as one flat buffer per dtype group (compute dtype), keys back to back in ``group.keys``
+    order at ``group.offsets``: what :func:`weighted_sum_many_torch` splits into views, and what the
+    Flower-record writer serialises without going through per-key tensors."""
+    with gc_paused():
+        sources = [as_source(u) for u in updates]
+        w = check_weights(weights, len(sources))
+        threads = threads or default_threads()
+        # one thread: memoryview slice assignment (0.5 µs a copy); several: memmove, which drops the GIL
+        groups, device = plan_groups(sources, keys, record_views=threads == 1)
+        if clip_norm is not None:
+            w = _clipped(w, _sq_norms(groups, len(sources), device, block_bytes, threads), clip_norm)
+        flats: list[tuple[Group, torch.Tensor]] = []
+        for group in groups:
+            cdt = compute_dtype(group.dtype)
+            flat = torch.empty(group.total, dtype=cdt, device=device)
+            if group.total > 0:
+                wvec = torch.tensor(w, dtype=cdt, device=device)
+
+                def reduce(start: int, count: int, block: torch.Tensor, flat: torch.Tensor = flat,
+                           wvec: torch.Tensor = wvec) -> None:
+                    torch.mv(block.t(), wvec, out=flat[start : start + count])  # (count, clients) · (clients,)
+
+                _for_each_block(group, device, block_bytes, threads, reduce)
+                if check_finite and not is_finite(flat):
+                    raise_nonfinite(sources, group, flat)
+            flats.append((group, flat))
+        return flats
+
+
+def _clipped(weights: list[float], sq_norms: torch.Tensor, clip_norm: float) -> list[float]:
+    """``w_k · min(1, C / ‖x_k‖)``; a non-finite norm gives NaN so the finite check names that client."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
+    factors = []
+    for n in sq_norms.sqrt().tolist():
+        if n != n or n == float("inf"):
+            factors.append(float("nan"))
+        else:
+            factors.append(min(1.0, clip_norm / n) if n > 0 else 1.0)
+    log.debug("clip factors %s", factors)
+    return [wk * f for wk, f in zip(weights, factors)]

@@ -1,0 +1,104 @@
+"""SVD (FlexLoRA-style): the exact average ``ΔW = Σ p_k s_k B_k A_k`` re-factored to rank r by a truncated
+SVD (Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+Resources", NeurIPS 2024).
+
+``ΔW = U Σ Vᵀ``, keep the top ``r``: ``B = U_r Σ_r^{1/2} / √s``, ``A = Σ_r^{1/2} V_rᵀ / √s`` with ``s = alpha/r``,
+so ``s B A`` is the best rank-r approximation of ``ΔW``: exact when ``rank ΔW ≤ r``, otherwise off by the tail
+``‖ΔW − ΔW_r‖_F = (Σ_{i>r} σ_i²)^{1/2}`` (reported in ``state.info``). Clients may use different ranks: a client
+of rank ``r_k ≤ r`` receives the top ``r_k`` components (``downlink(state, rank=r_k)``).
+
+The SVD never forms ΔW when it need not: with ``ΔW = B_s A_s`` (stacked factors, rank ``R = Σ r_k``),
+``B_s = Q_B R_B`` and ``A_sᵀ = Q_A R_A`` give ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so only the ``R × R`` core is
+decomposed (dense SVD when ``R`` exceeds a side). Directions with ``σ = 0`` (numerically) keep the previous A row and a zero
+B column, so a LoRA direction never dies (``ΔW`` is unchanged by it).
+Client: load A and B (of its rank), train, send both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from devft.aggregation.base import AggregationRule, ServerState, Update, lora_modules, lora_part, register
+from devft.aggregation.sources import as_source
+from devft.aggregation.validation import validate_updates
+
+
+def truncated_svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, σ, V`` with ``b @ a = U diag(σ) Vᵀ`` (fp64, thin, σ descending), through QR of the factors."""
+    b, a = b.double(), a.double()  # (d_out, R), (R, d_in)
+    rank = b.shape[1]
+    if rank <= min(b.shape[0], a.shape[1]):
+        qb, rb = torch.linalg.qr(b)  # (d_out, R), (R, R)
+        qa, ra = torch.linalg.qr(a.T)  # (d_in, R), (R, R)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)  # (R, R) core
+        return qb @ u, s, qa @ vh.T
+    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    return u, s, vh.T
+
+
+@register
+class SVD(AggregationRule):
+    """Exact average of the products, then the best rank-r factorisation of it."""
+
+    name = "svd"
+    paper = "Bai et al., Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources (FlexLoRA), NeurIPS 2024"
+    exact = False
+    heterogeneous_ranks = True
+
+    def __init__(self, *, alpha: float, rank: int | None = None, backend: str = "auto", check_finite: bool = True) -> None:
+        super().__init__(alpha=alpha, backend=backend, check_finite=check_finite)
+        if rank is not None and (int(rank) != rank or rank < 1):
+            raise ValueError(f"svd rank must be a positive integer, got rank={rank!r}")
+        self.rank = rank
+
+    def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
+        sources = [as_source(u) for u in updates]
+        lora = dict(state.lora)
+        tails: list[float] = []
+        for ka, kb in lora_modules(self.upload_keys(state.lora)).values():
+            prev_a, prev_b = state.lora[ka], state.lora[kb]
+            r = self.rank or prev_a.shape[0]
+            b_parts, a_parts = [], []
+            for pk, src in zip(p, sources):
+                a = src.tensor(ka).double()
+                a_parts.append((pk * self.alpha / a.shape[0]) * a)
+                b_parts.append(src.tensor(kb).double())
+            b_s, a_s = torch.cat(b_parts, dim=1), torch.cat(a_parts, dim=0)
+            if self.check_finite and not (bool(torch.isfinite(b_s).all()) and bool(torch.isfinite(a_s).all())):
+                validate_updates(updates, check_finite=True, rank_free=True)  # names the client and key
+            u, sigma, v = truncated_svd_of_product(b_s, a_s)
+            total = float(sigma.pow(2).sum())
+            tails.append(math.sqrt(float(sigma[r:].pow(2).sum()) / total) if total > 0 else 0.0)
+            keep = min(r, sigma.numel())
+            root = sigma[:keep].sqrt() / math.sqrt(self.alpha / r)
+            new_b = torch.zeros(prev_b.shape[0], r, dtype=torch.float64)
+            new_a = torch.zeros(r, prev_a.shape[1], dtype=torch.float64)
+            new_b[:, :keep] = u[:, :keep] * root
+            new_a[:keep] = root[:, None] * v[:, :keep].T
+            floor = float(sigma[0]) * 1e-12 if sigma.numel() else 0.0
+            dead = [i for i in range(r) if i >= keep or float(sigma[i]) <= floor]
+            if dead:
+                new_b[:, dead] = 0.0
+                if prev_a.shape[0] == r:
+                    new_a[dead] = prev_a[dead].double()  # B column is 0: ΔW unchanged, the direction trains on
+            lora[ka] = new_a.to(prev_a.dtype)
+            lora[kb] = new_b.to(prev_b.dtype)
+        info = {"svd_tail_rel_max": max(tails, default=0.0), "svd_tail_rel_mean": sum(tails) / max(1, len(tails))}
+        return ServerState(lora=lora, base_delta=dict(state.base_delta), info=info)
+
+    def downlink(self, state: ServerState, *, full: bool = False, rank: int | None = None) -> dict[str, torch.Tensor]:
+        """The global adapters, or their top ``rank`` components rescaled to the client's ``alpha / rank``."""
+        out = super().downlink(state, full=full)
+        if rank is None:
+            return out
+        for ka, kb in lora_modules(k for k in out if lora_part(k) is not None).values():
+            r = out[ka].shape[0]
+            if rank > r:
+                raise ValueError(f"client rank {rank} exceeds the server's svd rank {r}; set the svd rank to the "
+                                 "largest client rank")
+            factor = math.sqrt(rank / r)  # s_r B A = s_k (cB)(cA) needs c² = s_r / s_k = rank / r
+            out[ka] = out[ka][:rank] * factor
+            out[kb] = out[kb][:, :rank] * factor
+        return out

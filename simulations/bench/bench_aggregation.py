@@ -1,0 +1,242 @@
+"""Benchmark of the server's aggregation: Flower's aggregate_arrayrecords vs devft's fused CPU path vs a copy.
+
+Launch (what docs/benchmarks.md reports):
+
+    python simulations/bench/bench_aggregation.py --threads 1
+
+Inputs are realistic: the LoRA state of SmolLM2-135M (peft keys and shapes of the real model, all seven
+projections of its 30 layers) at ranks 8 and 32, for 8, 32 and 128 clients, each client one Flower
+``ArrayRecord`` with its own bytes. In one run, per case, interleaved repeats time:
+
+- ``flower``: ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` (replies as RecordDicts),
+- ``ours``: ``devft.aggregation.aggregate_arrayrecords`` (records in, record out; validation, NaN/Inf check
+  and output serialisation included),
+- ``copy``: a plain ``copy_`` of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
+  bandwidth does not depend on size past the caches) with the same number of threads;
+- ``gather``: for information, a copy of the received arrays' bytes themselves into one buffer, one
+  memoryview assignment per array (the least any Python code touching every received array pays).
+
+Each case prints one line ending ``speedup_vs_flower=<x> bandwidth_fraction=<y>``, where
+``bandwidth_fraction = (input bytes / ours_s) / (copied bytes / copy_s)``: both count each input byte once
+(a copy also writes every byte, so a weighted sum, which writes 1/N of them, can exceed 1).
+
+With a CUDA GPU and Triton (or ``--device cpu`` under ``TRITON_INTERPRET=1`` to exercise the code path), it
+also prints, per case, the Triton kernel against the torch backend on the same device tensors and against the
+device's copy bandwidth: ``gpu … triton_vs_torch=<x> bandwidth_fraction=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def smollm2_lora_shapes(rank: int, layers: int | None) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the LoRA state of the real SmolLM2-135M (all seven projections) at ``rank``."""
+    from devft.models import LoraSettings, attach_lora, load_model, lora_state
+
+    loaded = load_model("smollm2-135m")
+    state = lora_state(attach_lora(loaded.model, LoraSettings(r=rank, alpha=2.0 * rank)))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if layers is not None:
+        shapes = {k: s for k, s in shapes.items() if int(k.split(".layers.")[1].split(".")[0]) < layers}
+    return shapes
+
+
+def build_records(shapes: dict[str, tuple[int, ...]], clients: int, seed: int = 0) -> list:
+    """One ArrayRecord per client, each with its own bytes (client k = base · (1 + k/1000))."""
+    from flwr.app import Array, ArrayRecord
+
+    g = torch.Generator().manual_seed(seed)
+    base = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    records = []
+    for c in range(clients):
+        factor = 1.0 + c / 1000.0
+        records.append(ArrayRecord({k: Array((v * factor).numpy()) for k, v in base.items()}))
+    return records
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def bench_cpu_case(records: list, rank: int, repeats: int, flower_repeats: int) -> dict[str, float]:
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
+
+    from devft.aggregation import aggregate_arrayrecords
+
+    clients = len(records)
+    nbytes = sum(len(a.data) for a in records[0].values()) * clients
+    counts = [100 + 7 * c for c in range(clients)]
+    replies = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})}) for r, n in zip(records, counts)]
+    copy_elems = min(nbytes, 1 << 30) // 4
+    src = torch.rand(copy_elems)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in before timing
+    # gather copy of the received arrays (first clients up to 1 GiB)
+    arrays = [memoryview(a.data) for r in records for a in r.values()]
+    gather_arrays = []
+    gather_bytes = 0
+    for mv in arrays:
+        if gather_bytes + len(mv) > (1 << 30):
+            break
+        gather_arrays.append(mv)
+        gather_bytes += len(mv)
+    gather_dst = memoryview(bytearray(gather_bytes))
+
+    def gather() -> None:
+        offset = 0
+        for mv in gather_arrays:
+            gather_dst[offset : offset + len(mv)] = mv
+            offset += len(mv)
+
+    gather()
+    ours_out = aggregate_arrayrecords(records, counts)  # warm-up (and the result checked below)
+    times: dict[str, list[float]] = {"copy": [], "ours": [], "flower": [], "gather": []}
+    cpu: dict[str, list[float]] = {"copy": [], "ours": [], "flower": []}
+    flower_out = None
+
+    def run(name: str, fn: Callable[[], object]) -> object:
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        times[name].append(time.perf_counter() - t0)
+        if name in cpu:
+            cpu[name].append(time.process_time() - c0)
+        return result
+
+    for rep in range(repeats):
+        run("copy", lambda: dst.copy_(src))
+        run("ours", lambda: aggregate_arrayrecords(records, counts))
+        run("gather", gather)
+        if rep < flower_repeats:
+            flower_out = run("flower", lambda: flower_aggregate(replies, "num-examples"))
+    worst = 0.0
+    for key in list(flower_out)[:: max(1, len(flower_out) // 20)]:
+        a = torch.from_numpy(ours_out[key].numpy())
+        b = torch.from_numpy(flower_out[key].numpy())
+        worst = max(worst, float((a - b).abs().max()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    copy_bps = copy_elems * 4 / med["copy"]
+    ours_bps = nbytes / med["ours"]
+    return {
+        "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
+        "flower_s": med["flower"], "ours_s": med["ours"], "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
+        "ours_gbps": ours_bps / 1e9, "copy_gbps": copy_bps / 1e9, "gather_gbps": gather_bytes / med["gather"] / 1e9,
+        "max_abs_diff_vs_flower": worst,
+        # the same ratios from process CPU time (less sensitive to other processes on a shared machine)
+        "cpu_speedup": med_cpu["flower"] / med_cpu["ours"],
+        "cpu_fraction": (nbytes / med_cpu["ours"]) / (copy_elems * 4 / med_cpu["copy"]),
+        "speedup_vs_flower": med["flower"] / med["ours"], "bandwidth_fraction": ours_bps / copy_bps,
+        "ours_min_s": min(times["ours"]), "flower_min_s": min(times["flower"]), "copy_min_s": min(times["copy"]),
+    }
+
+
+def bench_device_case(records: list, rank: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Triton vs the torch backend on device tensors (one flat buffer per client), and the device copy."""
+    from devft.aggregation import record_tensors, weighted_sum_many
+
+    flat = [torch.cat([t.reshape(-1) for t in record_tensors(r).values()]).to(device) for r in records]
+    updates = [{"payload": x} for x in flat]
+    weights = [1.0 / len(flat)] * len(flat)
+    nbytes = sum(x.numel() * x.element_size() for x in flat)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    src = torch.cat(flat)
+    dst = torch.empty_like(src)
+    results = {}
+    for name, fn in {
+        "triton": lambda: weighted_sum_many(updates, weights, backend="triton", check_finite=False),
+        "triton_checked": lambda: weighted_sum_many(updates, weights, backend="triton"),
+        "torch": lambda: weighted_sum_many(updates, weights, backend="torch", check_finite=False),
+        "dcopy": lambda: dst.copy_(src),
+    }.items():
+        fn()  # compile / warm up
+        results[name] = statistics.median(timed(fn, sync) for _ in range(repeats))
+    ref = weighted_sum_many(updates, weights, backend="torch")["payload"]
+    got = weighted_sum_many(updates, weights, backend="triton")["payload"]
+    return {
+        "clients": len(flat), "rank": rank, "total_gb": nbytes / 1e9, "triton_s": results["triton"],
+        "triton_checked_s": results["triton_checked"], "torch_s": results["torch"], "dcopy_s": results["dcopy"],
+        "triton_gbps": nbytes / results["triton"] / 1e9, "dcopy_gbps": nbytes / results["dcopy"] / 1e9,
+        "max_abs_diff_vs_torch": float((ref - got).abs().max()),
+        "triton_vs_torch": results["torch"] / results["triton"],
+        "bandwidth_fraction": results["dcopy"] / results["triton"],
+    }
+
+
+def fmt(row: dict[str, float], keys: list[str]) -> str:
+    parts = []
+    for k in keys:
+        v = row[k]
+        parts.append(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of ours and copy (median)")
+    parser.add_argument("--flower-repeats", type=int, default=3, help="timed repeats of Flower's (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
+    parser.add_argument("--device", default=None, help="device for the Triton section (default: cuda if present)")
+    parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from devft.aggregation.kernels import triton_available
+
+    run_device = triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, python {sys.version.split()[0]}, "
+          f"loadavg at start {os.getloadavg()[0]:.2f}", flush=True)
+    if device.type == "cuda":
+        print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
+    rows: list[dict] = []
+    keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "ours_s", "ours_gbps", "copy_gbps",
+            "gather_gbps", "max_abs_diff_vs_flower", "cpu_speedup", "cpu_fraction", "speedup_vs_flower",
+            "bandwidth_fraction"]
+    gpu_keys = ["clients", "rank", "total_gb", "triton_s", "triton_checked_s", "torch_s", "triton_gbps",
+                "dcopy_gbps", "max_abs_diff_vs_torch", "triton_vs_torch", "bandwidth_fraction"]
+    for rank in args.ranks:
+        shapes = smollm2_lora_shapes(rank, args.layers)
+        for clients in args.clients:
+            records = build_records(shapes, clients)
+            row = bench_cpu_case(records, rank, args.repeats, min(args.flower_repeats, args.repeats))
+            rows.append({"kind": "cpu", **row})
+            print(fmt(row, keys), flush=True)
+            if run_device:
+                drow = bench_device_case(records, rank, args.repeats, device)
+                rows.append({"kind": "device", "device": str(device), **drow})
+                print("gpu " + fmt(drow, gpu_keys), flush=True)
+            del records
+            gc.collect()
+    print(f"# loadavg at end {os.getloadavg()[0]:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0 if all(math.isfinite(r["bandwidth_fraction"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

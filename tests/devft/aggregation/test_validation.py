@@ -1,0 +1,75 @@
+"""Reply validation: every failure names the client, the key, what was expected and what came."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from aggregation_cases import SMALL_MODULES, lora_key, random_lora
+from flwr.app import ArrayRecord
+
+from devft.aggregation import InvalidUpdateError, NonFiniteUpdateError, validate_updates
+
+
+def clients(n=3, rank=4):
+    return [random_lora(2, rank, SMALL_MODULES, seed=k) for k in range(n)]
+
+
+def test_consistent_replies_pass_as_tensors_and_records():
+    ups = clients()
+    validate_updates(ups, [1, 2, 3], check_finite=True)
+    validate_updates([ArrayRecord(u) for u in ups], [1, 2, 3], check_finite=True)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    ups = clients()
+    key = lora_key(1, "mlp.down_proj", "lora_B")
+    del ups[2][key]
+    ups[2]["something.else"] = torch.zeros(1)
+    with pytest.raises(InvalidUpdateError, match="missing") as info:
+        validate_updates(ups)
+    assert info.value.client == 2 and key in str(info.value) and "something.else" in str(info.value)
+
+
+def test_shape_and_dtype_mismatches_are_named():
+    ups = clients()
+    key = lora_key(0, "self_attn.k_proj", "lora_A")
+    expected = {k: tuple(v.shape) for k, v in ups[0].items()}
+    ups[1][key] = torch.zeros(4, 25)
+    with pytest.raises(InvalidUpdateError, match=r"shape \(4, 25\), expected \(4, 24\)") as info:
+        validate_updates(ups, expected=expected)
+    assert (info.value.client, info.value.key) == (1, key)
+    ups = clients()
+    ups[2][key] = ups[2][key].half()
+    with pytest.raises(InvalidUpdateError, match="dtype") as info:
+        validate_updates([ArrayRecord(u) for u in ups])
+    assert (info.value.client, info.value.key) == (2, key)
+
+
+def test_rank_free_accepts_other_ranks_but_not_inconsistent_factors():
+    ups = [random_lora(2, r, SMALL_MODULES, seed=r) for r in (2, 4, 8)]
+    expected = {k: tuple(v.shape) for k, v in ups[1].items()}
+    with pytest.raises(InvalidUpdateError, match="shape"):
+        validate_updates(ups, expected=expected)  # ranks differ: refused unless rank_free
+    validate_updates(ups, expected=expected, rank_free=True)
+    key_a = lora_key(1, "self_attn.q_proj", "lora_A")
+    ups[2][key_a] = torch.zeros(3, 24)  # A of rank 3, B of rank 8
+    with pytest.raises(InvalidUpdateError, match="rank 8 differs from the rank 3 of the other factor") as info:
+        validate_updates(ups, expected=expected, rank_free=True)
+    assert (info.value.client, info.value.key) == (2, key_a.replace("lora_A", "lora_B"))
+    ups[2][key_a] = torch.zeros(8, 23)  # wrong d_in
+    with pytest.raises(InvalidUpdateError, match="any rank r"):
+        validate_updates(ups, expected=expected, rank_free=True)
+
+
+def test_weights_empty_and_non_finite_values():
+    with pytest.raises(InvalidUpdateError, match="no updates"):
+        validate_updates([])
+    ups = clients()
+    with pytest.raises(InvalidUpdateError, match="one weight per update"):
+        validate_updates(ups, [1, 2])
+    key = lora_key(0, "mlp.down_proj", "lora_A")
+    ups[0][key][0, 0] = float("nan")
+    validate_updates(ups, [1, 1, 1])  # values are not read unless asked (the kernels check them fused)
+    with pytest.raises(NonFiniteUpdateError) as info:
+        validate_updates(ups, [1, 1, 1], check_finite=True)
+    assert (info.value.client, info.value.key) == (0, key)
