@@ -1,1 +1,75 @@
-"""TODO package docstring."""
+"""Developmental growth: stage schedule, layer similarity and grouping, fusion, submodels, plans, transfer."""
+
+from devft.growth.fusion import (
+    FUSION_MODES,
+    LORA_FUSION_MODES,
+    fuse_base_layers,
+    fuse_lora,
+    fuse_tensors,
+    fusion_weights,
+)
+from devft.growth.grouping import GROUPING_MODES, SELECTION_MODES, SIMILARITY_MODES, Groups, group_layers
+from devft.growth.plan import (
+    PLAN_VERSION,
+    GrowthPlan,
+    PlanError,
+    PlanMismatchError,
+    make_plan,
+    model_fingerprint,
+    plan_stage,
+)
+from devft.growth.schedule import StageSchedule, doubling_capacities, make_schedule, split_rounds
+from devft.growth.settings import GrowthSettings
+from devft.growth.similarity import (
+    FUNCTIONAL_VIEWS,
+    SIMILARITY_VIEWS,
+    WEIGHT_VIEWS,
+    calibration_batch,
+    layer_similarity,
+)
+from devft.growth.submodel import (
+    assemble_submodel,
+    build_submodel,
+    fused_layers,
+    submodel_cache_dir,
+    submodel_lora,
+)
+from devft.growth.transfer import TRANSFER_RULES, transfer_lora
+
+__all__ = [
+    "FUNCTIONAL_VIEWS",
+    "FUSION_MODES",
+    "GROUPING_MODES",
+    "Groups",
+    "GrowthPlan",
+    "GrowthSettings",
+    "LORA_FUSION_MODES",
+    "PLAN_VERSION",
+    "PlanError",
+    "PlanMismatchError",
+    "SELECTION_MODES",
+    "SIMILARITY_MODES",
+    "SIMILARITY_VIEWS",
+    "StageSchedule",
+    "TRANSFER_RULES",
+    "WEIGHT_VIEWS",
+    "assemble_submodel",
+    "build_submodel",
+    "calibration_batch",
+    "doubling_capacities",
+    "fuse_base_layers",
+    "fuse_lora",
+    "fuse_tensors",
+    "fused_layers",
+    "fusion_weights",
+    "group_layers",
+    "layer_similarity",
+    "make_plan",
+    "make_schedule",
+    "model_fingerprint",
+    "plan_stage",
+    "split_rounds",
+    "submodel_cache_dir",
+    "submodel_lora",
+    "transfer_lora",
+]

@@ -1,0 +1,72 @@
+"""Knowledge transfer: write a trained submodel's LoRA back into the full model's LoRA state.
+
+- ``copy`` (the paper): submodel layer ``k``'s adapters overwrite those of every layer of group ``k``.
+- ``anchor``: only the group's anchor receives them; the other members keep their adapters.
+
+Layers in no group (selection modes ``first`` / ``spaced``) keep their adapters under either rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from devft.models import FAMILIES, LoraState, layer_key, split_layer_key
+
+if TYPE_CHECKING:
+    from devft.growth.plan import GrowthPlan
+
+TRANSFER_RULES = ("copy", "anchor")
+
+
+def transfer_lora(
+    full_lora: Mapping[str, torch.Tensor],
+    sub_lora: Mapping[str, torch.Tensor],
+    plan: GrowthPlan,
+    rule: str | None = None,
+) -> LoraState:
+    """The full model's new LoRA state after the stage of ``plan`` (``rule`` defaults to ``plan.transfer``).
+
+    Returns a new dict; written tensors are copies of ``sub_lora``'s, untouched ones are ``full_lora``'s own
+    tensors (not copied). Raises ``KeyError`` / ``ValueError`` if the states do not fit the plan.
+    """
+    rule = plan.transfer if rule is None else rule
+    if rule not in TRANSFER_RULES:
+        raise ValueError(f"unknown transfer rule={rule!r}; choose one of {TRANSFER_RULES}")
+    family = FAMILIES[plan.family]
+    out: LoraState = dict(full_lora)
+    written: set[tuple[int, str]] = set()
+    for key, value in sub_lora.items():
+        parts = split_layer_key(key, family)
+        if parts is None:
+            raise KeyError(f"submodel LoRA key {key!r} is not inside a decoder layer")
+        prefix, k, suffix = parts
+        if k >= plan.capacity:
+            raise KeyError(f"submodel LoRA key {key!r} names layer {k}, but the submodel has {plan.capacity}")
+        group = plan.groups[k]
+        for j in group if rule == "copy" else group[:1]:
+            target = layer_key(prefix, j, suffix)
+            if target not in out:
+                raise KeyError(f"the full LoRA state has no {target!r} to receive {key!r}")
+            if tuple(out[target].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"submodel LoRA {key!r} has shape {tuple(value.shape)}, full {target!r} has "
+                    f"{tuple(out[target].shape)}"
+                )
+            out[target] = value.detach().to(out[target].dtype).clone()
+        written.add((k, suffix))
+    expected = {(k, s) for k in range(plan.capacity) for s in _suffixes(full_lora, plan.anchors[k], family)}
+    if written != expected:
+        raise KeyError(f"submodel LoRA does not cover the plan: missing {sorted(expected - written)[:3]}")
+    return out
+
+
+def _suffixes(state: Mapping[str, torch.Tensor], layer: int, family) -> set[str]:
+    found = set()
+    for key in state:
+        parts = split_layer_key(key, family)
+        if parts is not None and parts[1] == layer:
+            found.add(parts[2])
+    return found
