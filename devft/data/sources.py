@@ -1,0 +1,118 @@
+"""Load examples from the built-in task suite, an Alpaca-style JSONL file, or a dataset saved to disk.
+
+User records need ``instruction`` and ``output`` strings; ``input`` is optional (empty when absent) and
+``family`` is the record's own ``family`` field or column when it has one, otherwise ``"user"``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from devft.data.tasks import Example, generate_task_suite
+
+USER_FAMILY = "user"
+"""Family of user records that carry no ``family`` of their own."""
+
+_REQUIRED = ("instruction", "output")
+
+
+def load_examples(source: str, num_examples: int | None = None, seed: int = 0) -> list[Example]:
+    """Load examples from ``source``.
+
+    ``source`` is ``"tasks"`` (the built-in suite: ``num_examples`` records generated from ``seed``), the
+    path of a ``.jsonl`` file with one Alpaca record per line, or a directory written by
+    ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` must have a ``train`` split). For user data,
+    ``num_examples`` (if given) draws that many records with ``seed``, kept in file order.
+
+    Raises ``ValueError`` for an unknown source, a malformed record (naming the file, line and field) or
+    more requested examples than the source holds.
+    """
+    if num_examples is not None and (int(num_examples) != num_examples or num_examples < 0):
+        raise ValueError(
+            f"num_examples must be a non-negative integer or None, got num_examples={num_examples!r}"
+        )
+    if source == "tasks":
+        if num_examples is None:
+            raise ValueError("source='tasks' generates examples: pass num_examples")
+        return generate_task_suite(num_examples, seed)
+    path = Path(source)
+    if path.is_dir():
+        examples = _load_saved_dataset(path)
+    elif path.is_file() and path.suffix == ".jsonl":
+        examples = _load_jsonl(path)
+    elif path.exists():
+        raise ValueError(f"unsupported source={source!r}: expected a .jsonl file or a save_to_disk directory")
+    else:
+        raise ValueError(
+            f"unknown source={source!r}: not 'tasks' and no such file or directory "
+            "(expected 'tasks', a .jsonl file, or a directory saved with datasets' save_to_disk)"
+        )
+    if not examples:
+        raise ValueError(f"source={source!r} holds no examples")
+    if num_examples is None:
+        return examples
+    if num_examples > len(examples):
+        raise ValueError(
+            f"num_examples={num_examples} is more than the {len(examples)} examples in source={source!r}"
+        )
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), num_examples))
+    return [examples[i] for i in chosen]
+
+
+def _example(record: Mapping[str, Any], where: str) -> Example:
+    """Validate one user record (``where`` names it in errors) and return it as an Example."""
+    for field in _REQUIRED:
+        if field not in record or record[field] is None:
+            raise ValueError(f"{where}: missing field {field!r}")
+    example: Example = {}
+    for field in ("instruction", "input", "output"):
+        value = record.get(field)
+        value = "" if value is None else value
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}"
+            )
+        example[field] = value
+    if not example["instruction"].strip():
+        raise ValueError(f"{where}: field 'instruction' is empty")
+    family = record.get("family")
+    example["family"] = USER_FAMILY if family is None or family == "" else str(family)
+    return example
+
+
+def _load_jsonl(path: Path) -> list[Example]:
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            examples.append(_example(record, where))
+    return examples
+
+
+def _load_saved_dataset(path: Path) -> list[Example]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise ValueError(f"directory {path} is not a dataset saved with save_to_disk: {err}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"dataset at {path} has splits {list(loaded)} but no 'train' split")
+        loaded = loaded["train"]
+    for column in _REQUIRED:
+        if column not in loaded.column_names:
+            raise ValueError(f"dataset at {path}: missing column {column!r} (columns: {loaded.column_names})")
+    return [_example(row, f"{path}, row {i}") for i, row in enumerate(loaded)]

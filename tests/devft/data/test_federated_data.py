@@ -1,0 +1,85 @@
+"""Tests for devft/data/federated.py: held-out test disjoint from training, identical on every call."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from devft.data.federated import build_federated_data
+from devft.data.settings import DataSettings
+from devft.data.tasks import TASK_FAMILIES
+
+
+def _keys(examples: list[dict[str, str]]) -> set[tuple[str, str]]:
+    return {(e["instruction"], e["input"]) for e in examples}
+
+
+def test_task_suite_partitions_and_disjoint_balanced_test() -> None:
+    settings = DataSettings(num_train=300, num_test=50, num_clients=4, seed=5)
+    data = build_federated_data(settings)
+    assert len(data.partitions) == 4 and sum(len(p) for p in data.partitions) == 300
+    assert len(data.test) == 50
+    train = [e for p in data.partitions for e in p]
+    assert not _keys(train) & _keys(data.test)
+    assert len(_keys(data.test)) == 50
+    assert Counter(e["family"] for e in data.test) == dict.fromkeys(TASK_FAMILIES, 5)
+    assert data == build_federated_data(settings)  # every client process sees the same data
+    assert data != build_federated_data(DataSettings(num_train=300, num_test=50, num_clients=4, seed=6))
+
+
+def test_histogram_counts_each_clients_families() -> None:
+    settings = DataSettings(
+        num_train=40, num_test=10, num_clients=3, partition="pathological", families_per_client=1
+    )
+    data = build_federated_data(settings)
+    histogram = data.histogram()
+    assert [sum(c.values()) for c in histogram] == [len(p) for p in data.partitions]
+    for counts, part in zip(histogram, data.partitions, strict=True):
+        assert {f for f, n in counts.items() if n} == {e["family"] for e in part}
+
+
+def test_test_set_avoids_repeats_of_a_small_family() -> None:
+    # format_name has 60 x 60 = 3600 distinct inputs: 3000 draws repeat many, and the test set must avoid all.
+    data = build_federated_data(
+        DataSettings(num_train=3000, num_test=200, families=("format_name",), num_clients=2)
+    )
+    train = [e for p in data.partitions for e in p]
+    assert len(_keys(train)) < 3000
+    assert not _keys(train) & _keys(data.test) and len(_keys(data.test)) == 200
+
+
+def test_exhausted_family_raises() -> None:
+    settings = DataSettings(
+        num_train=40000, num_test=100, families=("format_name",), num_clients=2, partition="iid"
+    )
+    with pytest.raises(ValueError, match="family='format_name' unseen in training"):
+        build_federated_data(settings)
+
+
+def test_user_jsonl_seeded_split_without_leaks(tmp_path: Path) -> None:
+    records = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(30)]
+    records += [records[0], records[1]]  # duplicates must not leak from test into train
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    settings = DataSettings(
+        source=str(path), num_train=100, num_test=6, num_clients=3, partition="iid", seed=2
+    )
+    data = build_federated_data(settings)
+    train = [e for p in data.partitions for e in p]
+    assert len(data.test) == 6
+    assert not _keys(train) & _keys(data.test)
+    assert _keys(train) | _keys(data.test) == _keys(records)  # only copies of test records are dropped
+    assert all(e["family"] == "user" for e in train + data.test)
+    assert data == build_federated_data(settings)
+    capped = build_federated_data(DataSettings(source=str(path), num_train=10, num_test=6, num_clients=3))
+    assert sum(len(p) for p in capped.partitions) == 10
+
+
+def test_user_data_too_small_for_the_test_set(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="not enough for num_test=1"):
+        build_federated_data(DataSettings(source=str(path), num_test=1, num_train=1, num_clients=1))
