@@ -1,1 +1,3 @@
-"""TODO package docstring."""
+"""Flower ClientApp: builds the submodel it is told to build, trains its LoRA locally, replies (``client.app:app``)."""
+
+__all__: list[str] = []

@@ -59,6 +59,9 @@ class FederationSettings:
     seed: int = field(default=0, metadata={"help": "Seed of client sampling and LoRA initialisation."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs per simulated client (Ray resources)."})
     client_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per simulated client (Ray resources)."})
+    client_eval: bool = field(
+        default=False, metadata={"help": "Also evaluate the submodel LoRA on the sampled clients' data each eval round."}
+    )
     wire_dtype: str = field(default="float32", metadata={"help": "dtype of LoRA arrays on the wire: float32 or float16."})
     reply_timeout_s: float = field(default=3600.0, metadata={"help": "Seconds a round waits for client replies (> 0)."})
     fault_injection: str = field(

@@ -1,1 +1,3 @@
-"""TODO package docstring."""
+"""Flower ServerApp and the DevFT strategy: turns stages and rounds into messages (``server.app:app``)."""
+
+__all__: list[str] = []

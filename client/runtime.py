@@ -1,0 +1,113 @@
+"""What a client keeps between messages: its base model, the current stage's submodel, its data.
+
+Everything is cached per process (module level) because the simulation engine reuses a worker for many
+messages; the fused submodel layers are also cached on disk by the growth module, and the base model by
+``devft.models``, so a deployment that starts a fresh process per message only re-reads files. Nothing of
+this goes into ``context.state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import Context
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from devft.aggregation import AggregationRule, get_rule
+from devft.config import RunConfig, config_from_flat
+from devft.data import Example, FederatedData, build_federated_data
+from devft.growth import GrowthPlan, build_submodel
+from devft.models import LoadedModel, attach_lora, load_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"
+"""Name of the ConfigRecord of every devft message (flat run config + ``server-round`` + ``plan``)."""
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_configs: dict[str, RunConfig] = {}
+_bases: dict[tuple[str, str], LoadedModel] = {}
+_data: dict[str, FederatedData] = {}
+_stage: dict[str, Any] = {}  # the one current submodel: {"key": ..., "model": PeftModel, "plan": GrowthPlan}
+
+
+def load_run_config(record: Mapping[str, Any]) -> RunConfig:
+    """The run config from a message's ConfigRecord (its ``section.field`` keys; other keys ignored)."""
+    flat = {k: v for k, v in record.items() if "." in k and not isinstance(v, bytes | list)}
+    key = hashlib.sha256(repr(sorted(flat.items())).encode()).hexdigest()
+    if key not in _configs:
+        _configs.clear()
+        _configs[key] = config_from_flat(flat)
+    return _configs[key]
+
+
+def partition_id(context: Context) -> int:
+    """This node's data partition (``partition-id`` in its node config)."""
+    if "partition-id" not in context.node_config:
+        raise KeyError("node_config has no 'partition-id': start the SuperNode with --node-config 'partition-id=N'")
+    return int(context.node_config["partition-id"])
+
+
+def base_model(config: RunConfig) -> LoadedModel:
+    """This client's own copy of the base model (loaded once per process)."""
+    key = (config.model.name, config.model.dtype)
+    if key not in _bases:
+        _bases.clear()
+        _bases[key] = load_model(config.model.name, dtype=_DTYPES[config.model.dtype])
+    return _bases[key]
+
+
+def local_partition(config: RunConfig, pid: int) -> list[Example]:
+    """This client's training examples (``build_federated_data`` is a pure function of the settings)."""
+    key = repr(config.data)
+    if key not in _data:
+        _data.clear()
+        _data[key] = build_federated_data(config.data)
+    partitions = _data[key].partitions
+    if not 0 <= pid < len(partitions):
+        raise IndexError(f"partition-id={pid} is outside the {len(partitions)} partitions of data.num_clients")
+    if not partitions[pid]:
+        raise ValueError(f"partition {pid} is empty")
+    return partitions[pid]
+
+
+def stage_model(config: RunConfig, plan_json: str) -> tuple[PeftModel, PreTrainedTokenizerBase, GrowthPlan]:
+    """The LoRA-wrapped submodel of ``plan_json`` built from this client's base model (cached per stage).
+
+    Raises :class:`devft.growth.PlanMismatchError` when the plan was made for another base model.
+    """
+    base = base_model(config)
+    key = hashlib.sha256((plan_json + repr(config.lora) + config.federation.aggregation).encode()).hexdigest()
+    if _stage.get("key") != key:
+        _stage.clear()
+        plan = GrowthPlan.from_json(plan_json)
+        submodel = build_submodel(base.model, plan)
+        model = attach_lora(submodel, config.lora, seed=config.federation.seed)
+        _stage.update(key=key, model=model, plan=plan)
+        log.info("stage %d: built %d-layer submodel", plan.stage, plan.capacity)
+    return _stage["model"], base.tokenizer, _stage["plan"]
+
+
+def aggregation_rule(config: RunConfig) -> AggregationRule:
+    """The run's LoRA aggregation rule (its client-side duties: what to load, freeze and upload)."""
+    return get_rule(config.federation.aggregation, alpha=config.lora.alpha)
+
+
+def client_train_seed(seed: int, server_round: int, pid: int) -> int:
+    """Seed of a client's data order and dropout in a round: distinct per (seed, round, partition)."""
+    digest = hashlib.sha256(f"train:{seed}:{server_round}:{pid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def to_wire(state: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """LoRA tensors as they go on the wire: contiguous CPU copies in ``wire_dtype`` (never bfloat16)."""
+    dtype = _DTYPES[wire_dtype]
+    if dtype is torch.bfloat16:
+        raise ValueError("bfloat16 cannot travel in a Flower ArrayRecord; use float32 or float16")
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}

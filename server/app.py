@@ -1,0 +1,115 @@
+"""The devft ServerApp: ``flwr run .`` reads the run config from ``[tool.flwr.app.config]``.
+
+Run-config keys with a dot (``federation.num-rounds``, ``lora.r``) are the run configuration
+(:func:`devft.config.config_from_flat`); the keys without one are options of this app:
+
+- ``run-dir``: the run directory (relative paths are resolved against the ServerApp's working directory;
+  empty = ``~/devft-runs/<method>-<timestamp>``);
+- ``resume``: continue the run in ``run-dir`` from its checkpoint.
+
+``devft simulate`` (:mod:`server.launch`) builds its own ServerApp with :func:`build_server_app`, because
+``flwr.simulation.run_simulation`` hands the ServerApp an empty run config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from devft.config import RunConfig, config_from_flat
+from devft.data import build_federated_data
+from server.global_model import GlobalModel
+from server.run_dir import RunDirectory
+from server.strategy import DevFTStrategy
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+app = ServerApp()
+
+
+def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(app options, config keys)``: keys without a dot are options of the app, the rest run config."""
+    options = {k: v for k, v in run_config.items() if "." not in k}
+    flat = {k: v for k, v in run_config.items() if "." in k}
+    unknown = sorted(set(options) - {"run-dir", "resume"})
+    if unknown:
+        raise ValueError(f"unknown run-config keys {unknown}: app options are 'run-dir' and 'resume'")
+    return options, flat
+
+
+def log_round(row: dict[str, Any]) -> None:
+    """One log line per round (the progress display of ``flwr run``)."""
+    loss = row.get("eval_loss")
+    log(
+        INFO,
+        "[devft] round %d stage %d (%d layers): clients %d/%d, train loss %s, eval loss %s, up %.2f MB, down %.2f MB, %.1f s",
+        row["round"],
+        row["stage"],
+        row["submodel_layers"],
+        row["clients_ok"],
+        row["clients_sampled"],
+        "-" if row.get("train_loss") is None else f"{row['train_loss']:.4f}",
+        "-" if loss is None else f"{loss:.4f}",
+        row["bytes_up"] / 1e6,
+        row["bytes_down"] / 1e6,
+        row["round_wall_s"],
+    )
+
+
+def run_server(
+    grid: Grid,
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    on_round: Iterable[RoundCallback] = (),
+    global_model: GlobalModel | None = None,
+) -> Path:
+    """Run (or resume) the whole federated run on ``grid``; write the run directory and its report."""
+    from devft.reports import write_report
+
+    if global_model is None:
+        global_model = GlobalModel(config, build_federated_data(config.data).test)
+    directory = RunDirectory(run_dir)
+    strategy = DevFTStrategy(config, directory, global_model, resume=resume, on_round=on_round)
+    strategy.start(grid=grid)
+    report = write_report(directory.path)
+    log(INFO, "[devft] run directory: %s", directory.path)
+    log(INFO, "[devft] report: %s", report)
+    return directory.path
+
+
+def build_server_app(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    on_round: Iterable[RoundCallback] = (),
+    global_model: GlobalModel | None = None,
+) -> ServerApp:
+    """A ServerApp bound to an already resolved config (what ``devft simulate`` runs)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, config, run_dir, resume=resume, on_round=on_round, global_model=global_model)
+
+    return server_app
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: config from ``context.run_config``."""
+    options, flat = split_run_config(context.run_config)
+    config = config_from_flat(flat)
+    run_dir = str(options.get("run-dir") or "")
+    path = Path(run_dir).expanduser() if run_dir else Path.home() / "devft-runs" / (
+        f"{config.federation.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    resume = str(options.get("resume", False)).lower() in ("true", "1", "yes")
+    run_server(grid, config, path.resolve(), resume=resume, on_round=[log_round])

@@ -1,0 +1,80 @@
+"""Turn train replies into validated client updates, or into recorded failures.
+
+A reply is accepted only if it carries no error, exactly the LoRA keys the aggregation rule expects with the
+expected shapes, a wire dtype (float32 / float16), finite values, and a MetricRecord with a positive
+integer ``num-examples``. Anything else raises :class:`InvalidReply` inside :func:`parse_train_reply` and
+is recorded as a failure of that client: it never reaches the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, Message
+
+from devft.aggregation import InvalidUpdateError, validate_updates
+
+WIRE_DTYPES = ("float32", "float16")
+
+
+class InvalidReply(ValueError):
+    """A client reply that must not be aggregated; the message says what was expected and what came."""
+
+
+@dataclass
+class ClientUpdate:
+    """One client's accepted contribution to a round."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+    record: ArrayRecord  # the LoRA tensors it sent (validated; read in place by the aggregation)
+    metrics: dict[str, Any]
+    wire_bytes: int = 0
+
+
+@dataclass
+class ClientFailure:
+    """A client that raised, timed out or replied with something unusable."""
+
+    node_id: int
+    partition_id: int | None
+    reason: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_train_reply(
+    reply: Message, expected: Mapping[str, tuple[int, ...]], rank_free: bool = False
+) -> ClientUpdate:
+    """Validate ``reply`` against the expected LoRA ``{key: shape}``; raise :class:`InvalidReply` if unusable.
+
+    The arrays are checked by :func:`devft.aggregation.validate_updates` (keys, shapes, finite values; with
+    ``rank_free`` the LoRA rank may differ), the envelope, the wire dtype and ``num-examples`` here.
+    """
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise InvalidReply(f"client raised: {reply.error.reason}")
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise InvalidReply(
+            f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+            f"{len(content.metric_records)}"
+        )
+    metrics = dict(next(iter(content.metric_records.values())))
+    num_examples = metrics.get("num-examples")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples):
+        raise InvalidReply(f"metric num-examples must be a number, got {num_examples!r}")
+    if num_examples <= 0 or int(num_examples) != num_examples:
+        raise InvalidReply(f"metric num-examples must be a positive integer, got {num_examples!r}")
+    record = next(iter(content.array_records.values()))
+    for key, array in record.items():
+        if array.dtype not in WIRE_DTYPES:
+            raise InvalidReply(f"{key} has dtype {array.dtype}, expected one of {WIRE_DTYPES}")
+    try:
+        validate_updates([record], [num_examples], expected=expected, rank_free=rank_free, check_finite=True)
+    except InvalidUpdateError as err:
+        raise InvalidReply(str(err).removeprefix("client 0, ")) from err
+    return ClientUpdate(node_id=node, partition_id=-1, num_examples=int(num_examples), record=record, metrics=metrics)

@@ -1,0 +1,113 @@
+"""The run directory of DESIGN.md §4: metrics.jsonl, summary.json, adapter/, checkpoint/, config.
+
+``metrics.jsonl`` gets one JSON object per round, appended and flushed as the round ends; on resume the
+rows after the checkpointed round (written by the killed process after its last checkpoint) are dropped,
+so the file always matches the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"
+STAGES_DIR = "stages"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None (JSON has no NaN), tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """Paths and writers of one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).resolve()
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def stages(self) -> Path:
+        return self.path / STAGES_DIR
+
+    def has_checkpoint(self) -> bool:
+        from server.checkpoint import CHECKPOINT_FILE
+
+        return (self.checkpoint / CHECKPOINT_FILE).exists()
+
+    def prepare(self, resume: bool) -> None:
+        """Create the directory; refuse to overwrite a previous run unless resuming it."""
+        if not resume and self.path.exists() and (self.metrics.exists() or self.has_checkpoint()):
+            raise FileExistsError(
+                f"run directory {str(self.path)!r} already holds a run: resume it (devft simulate --resume, "
+                "or run config resume=true) or choose another directory"
+            )
+        if resume and not self.has_checkpoint():
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(self.checkpoint)!r}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.stages.mkdir(exist_ok=True)
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path / CONFIG_FILE, config)
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        with self.metrics.open("a") as fh:
+            fh.write(json.dumps(_clean(row)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep only rows with ``round <= last_round`` (atomically); return them."""
+        rows = [r for r in self.read_metrics() if int(r["round"]) <= last_round]
+        tmp = self.metrics.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics)
+        return rows
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_json_atomic(self.summary, summary)
+
+    def write_stage(self, stage: int, record: Mapping[str, Any]) -> None:
+        """``stages/stage-<s>.json``: the plan of a stage (groups, capacities, similarity matrix …)."""
+        write_json_atomic(self.stages / f"stage-{stage}.json", record)

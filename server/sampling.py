@@ -1,0 +1,78 @@
+"""Reproducible client sampling: partitions drawn from ``(seed, round)``, then mapped to node ids.
+
+Flower's own ``sample_nodes`` uses the global ``random`` module over node ids, and node ids are random per
+run, so the same seed does not give the same clients. Here the *partition ids* (stable: ``partition-id``
+in each node's ``node_config``) are sampled with a private ``random.Random`` seeded from the run seed and
+the round, and a query round (:data:`PARTITION_QUERY`) learns which node holds which partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+PARTITION_QUERY = "query.partition"
+"""Message type of the query that asks a node for its ``partition-id`` (answered by ``client.app``)."""
+
+
+def round_rng(seed: int, server_round: int, purpose: str = "sample") -> random.Random:
+    """A private RNG that depends only on ``(seed, server_round, purpose)`` (stable across processes)."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{server_round}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def sample_partitions(seed: int, server_round: int, partitions: Iterable[int], k: int) -> list[int]:
+    """``k`` distinct partition ids for ``server_round``, sorted; the same for the same arguments."""
+    pool = sorted(set(partitions))
+    if not 1 <= k <= len(pool):
+        raise ValueError(f"cannot sample k={k} clients from {len(pool)} available partitions")
+    return sorted(round_rng(seed, server_round).sample(pool, k))
+
+
+def discover_partitions(
+    grid: Grid, num_partitions: int, min_required: int, wait_s: float = 30.0, poll_s: float = 1.0
+) -> dict[int, int]:
+    """Ask every connected node for its partition id; return ``{partition_id: node_id}``.
+
+    Waits up to ``wait_s`` for ``num_partitions`` nodes, then goes on with those connected if at least
+    ``min_required`` are (otherwise keeps waiting, logging). Nodes that answer with an error, report a
+    partition id outside ``[0, num_partitions)``, or claim a partition another node already claimed are
+    left out (and logged).
+    """
+    start = time.monotonic()
+    while len(node_ids := sorted(grid.get_node_ids())) < num_partitions:
+        if len(node_ids) >= min_required and time.monotonic() - start > wait_s:
+            log.warning("going on with %d of %d nodes connected", len(node_ids), num_partitions)
+            break
+        log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
+        time.sleep(poll_s)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type=PARTITION_QUERY)
+        for nid in node_ids
+    ]
+    replies = grid.send_and_receive(messages, timeout=max(60.0, wait_s))
+    mapping: dict[int, int] = {}
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d did not report its partition: %s", node, reply.error.reason)
+            continue
+        pid = int(reply.content["config"]["partition-id"])
+        if not 0 <= pid < num_partitions:
+            log.warning("node %d reports partition %d, outside [0, %d): not used", node, pid, num_partitions)
+        elif pid in mapping:
+            log.warning("nodes %d and %d both claim partition %d; keeping %d", mapping[pid], node, pid, mapping[pid])
+        else:
+            mapping[pid] = node
+    if len(mapping) < min_required:
+        raise RuntimeError(f"only {len(mapping)} nodes reported a usable partition id; {min_required} needed")
+    log.info("partition map: %d of %d partitions have a node", len(mapping), num_partitions)
+    return dict(sorted(mapping.items()))

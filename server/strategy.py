@@ -1,0 +1,571 @@
+"""The DevFT strategy: stages of federated LoRA rounds on growing submodels, on Flower's Message API.
+
+Each round the strategy samples clients reproducibly (:mod:`server.sampling`), sends them the stage's plan
+and the submodel's LoRA (:meth:`DevFTStrategy.configure_train`), validates every reply before it
+aggregates (:meth:`DevFTStrategy.aggregate_train`), and at the end of a stage writes the trained LoRA back
+into the full model (knowledge transfer) and plans the next stage from it. The full model (global LoRA
+after transfer) is evaluated on the held-out set every ``eval_every`` rounds and at the end, the submodel
+too. After every round one metrics row is appended to the run directory and a checkpoint is written, so
+``resume`` continues a killed run and ends with the same adapter as an uninterrupted one.
+
+FedIT and ProgFed run through this same class (see :mod:`server.methods`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from devft.config import RunConfig, config_to_dict, config_to_flat
+from devft.models import LoraState
+from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from server.global_model import GlobalModel, StagePlan
+from server.metering import wire_bytes
+from server.replies import ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
+from server.run_dir import RunDirectory
+from server.sampling import discover_partitions, sample_partitions
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"
+ARRAYS_KEY = "arrays"
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+RESUME_MAY_CHANGE = frozenset(
+    {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
+)
+"""Config keys a resumed run may change (they do not change what is computed)."""
+
+
+@dataclass
+class RunState:
+    """Everything that changes from round to round (and therefore goes into the checkpoint)."""
+
+    round: int  # last completed round (0 before the first)
+    full_lora: LoraState  # the full model's LoRA after the last knowledge transfer
+    sub_lora: LoraState | None = None  # the current stage's submodel LoRA (None before stage 0 is planned)
+    stage: StagePlan | None = None
+    elapsed_s: float = 0.0  # wall time of completed rounds (carried across resumes)
+
+    def to_payload(self, config: RunConfig) -> dict[str, Any]:
+        return {
+            "config": json.dumps(config_to_flat(config), sort_keys=True),
+            "round": self.round,
+            "full_lora": self.full_lora,
+            "sub_lora": self.sub_lora,
+            "stage": None if self.stage is None else json.dumps(self.stage.record()),
+            "elapsed_s": self.elapsed_s,
+            "rng": rng_states(),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> RunState:
+        import numpy as np
+
+        from devft.growth import GrowthPlan
+
+        stage = None
+        if payload["stage"] is not None:
+            record = json.loads(payload["stage"])
+            sim = record["similarity"]
+            stage = StagePlan(GrowthPlan.from_dict(record["plan"]), None if sim is None else np.asarray(sim))
+        return cls(
+            round=int(payload["round"]),
+            full_lora=dict(payload["full_lora"]),
+            sub_lora=None if payload["sub_lora"] is None else dict(payload["sub_lora"]),
+            stage=stage,
+            elapsed_s=float(payload["elapsed_s"]),
+        )
+
+
+@dataclass
+class _RoundLog:
+    """What the hooks of one round learnt, for its metrics row."""
+
+    sampled: list[int] = field(default_factory=list)  # partition ids
+    bytes_down: int = 0
+    bytes_up: int = 0
+    updates: list[ClientUpdate] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
+    aggregated: bool = False
+    aggregate_s: float = 0.0
+    client_eval: dict[str, float] = field(default_factory=dict)
+
+
+def _to_record(state: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    return ArrayRecord({k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()})
+
+
+class DevFTStrategy(Strategy):
+    """Developmental federated fine-tuning (and, through the same path, FedIT and ProgFed).
+
+    Parameters
+    ----------
+    config:
+        The resolved run configuration (sent to every client in each message).
+    run_dir:
+        Where metrics, checkpoints, the adapter and the summary go.
+    global_model:
+        The server's base model + global LoRA (plans stages, evaluates, saves the adapter).
+    resume:
+        Continue from the checkpoint in ``run_dir`` instead of starting at round 1.
+    on_round:
+        Called with each round's metrics row once it is written (progress bars, logs).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: RunDirectory,
+        global_model: GlobalModel,
+        resume: bool = False,
+        on_round: Iterable[RoundCallback] = (),
+    ) -> None:
+        self.config = config
+        self.fed = config.federation
+        self.run_dir = run_dir
+        self.model = global_model
+        self.schedule = global_model.schedule
+        self.rule = global_model.rule
+        self.resume = resume
+        self.on_round = list(on_round)
+        self.flat_config = config_to_flat(config)
+        self.partition_to_node: dict[int, int] = {}
+        self.node_to_partition: dict[int, int] = {}
+        self.state: RunState | None = None
+        self._round = _RoundLog()
+        self._extra_train_config: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ Flower strategy hooks
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log.info(
+            "DevFT strategy: method=%s aggregation=%s rounds=%d stages=%s rounds/stage=%s clients/round=%d of %d "
+            "min_replies=%d seed=%d",
+            self.fed.method,
+            self.fed.aggregation,
+            self.fed.num_rounds,
+            self.schedule.capacities,
+            self.schedule.rounds,
+            self.fed.clients_per_round,
+            self.config.data.num_clients,
+            self.fed.min_replies,
+            self.fed.seed,
+        )
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """One message per sampled client: ``arrays`` (the submodel LoRA) and ``config`` + run config + plan."""
+        state = self._require_state()
+        if state.stage is None:
+            raise RuntimeError("configure_train called before a stage was planned")
+        sampled = sample_partitions(self.fed.seed, server_round, self.partition_to_node, self.fed.clients_per_round)
+        record = ConfigRecord(
+            {
+                **self.flat_config,
+                **dict(config),
+                **self._extra_train_config,
+                "server-round": server_round,
+                "stage": state.stage.plan.stage,
+                "plan": state.stage.plan.to_json(),
+            }
+        )
+        messages = [
+            Message(
+                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
+                dst_node_id=self.partition_to_node[pid],
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
+            )
+            for pid in sampled
+        ]
+        self._round.sampled = sampled
+        self._round.bytes_down += sum(wire_bytes(m) for m in messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, record failures, and average the valid LoRA updates (weights ``n_k / Σ n``).
+
+        Returns ``(None, metrics)`` when fewer than ``federation.min_replies`` clients gave valid replies:
+        the round's update is then skipped and the submodel LoRA stays as it was.
+        """
+        state = self._require_state()
+        assert state.sub_lora is not None  # set when the stage was planned
+        rule_state = self.rule.init_state(state.sub_lora)
+        expected = self.rule.expected_upload(rule_state)
+        replies = list(replies)
+        answered = set()
+        for reply in replies:
+            size = wire_bytes(reply)
+            self._round.bytes_up += size
+            node = reply.metadata.src_node_id
+            pid = self.node_to_partition.get(node)
+            answered.add(pid)
+            try:
+                update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks)
+            except InvalidReply as err:
+                log.warning("round %d: reply of partition %s (node %d) rejected: %s", server_round, pid, node, err)
+                self._round.failures.append(ClientFailure(node, pid, str(err)))
+                continue
+            update.partition_id = -1 if pid is None else pid
+            update.wire_bytes = size
+            self._round.updates.append(update)
+        for pid in self._round.sampled:
+            if pid not in answered:
+                node = self.partition_to_node[pid]
+                log.warning("round %d: partition %d (node %d) did not reply in time", server_round, pid, node)
+                self._round.failures.append(ClientFailure(node, pid, "no reply before the timeout"))
+        updates = sorted(self._round.updates, key=lambda u: u.partition_id)  # fixed order: reproducible sums
+        metrics = self._train_metrics(updates)
+        if len(updates) < self.fed.min_replies:
+            log.warning(
+                "round %d: %d valid replies < federation.min_replies=%d: update skipped",
+                server_round,
+                len(updates),
+                self.fed.min_replies,
+            )
+            return None, metrics
+        start = time.perf_counter()
+        new_state = self.rule.aggregate(rule_state, [u.record for u in updates], [u.num_examples for u in updates])
+        self._round.aggregate_s = time.perf_counter() - start
+        self._round.aggregated = True
+        return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Federated evaluation of the submodel LoRA on the round's clients (when ``federation.client_eval``)."""
+        state = self._require_state()
+        if not self.fed.client_eval or state.stage is None or not self._is_eval_round(server_round):
+            return []
+        record = ConfigRecord(
+            {**self.flat_config, **dict(config), "server-round": server_round, "plan": state.stage.plan.to_json()}
+        )
+        messages = [
+            Message(
+                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
+                dst_node_id=self.partition_to_node[pid],
+                message_type=MessageType.EVALUATE,
+                group_id=str(server_round),
+            )
+            for pid in self._round.sampled
+        ]
+        self._round.bytes_down += sum(wire_bytes(m) for m in messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation losses (errors are logged and left out)."""
+        losses, weights = [], []
+        for reply in replies:
+            self._round.bytes_up += wire_bytes(reply)
+            if reply.has_error():
+                log.warning("round %d: client evaluation failed: %s", server_round, reply.error.reason)
+                continue
+            metrics = next(iter(reply.content.metric_records.values()), None)
+            loss, n = (metrics or {}).get("eval-loss"), (metrics or {}).get("num-examples")
+            if isinstance(loss, float) and isinstance(n, int | float) and n > 0 and torch.isfinite(torch.tensor(loss)):
+                losses.append(loss)
+                weights.append(float(n))
+        if not losses:
+            return None
+        mean = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
+        self._round.client_eval = {"client_eval_loss": mean, "client_eval_clients": len(losses)}
+        return MetricRecord({"client-eval-loss": mean})
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run (or resume) all rounds of all stages; write the run directory; return Flower's ``Result``.
+
+        ``initial_arrays`` is the full model's starting LoRA (default: fresh LoRA seeded by
+        ``federation.seed``; ignored when resuming). ``num_rounds``, if given, must equal the schedule's.
+        ``train_config`` / ``evaluate_config`` entries are added to every message's ConfigRecord;
+        ``evaluate_fn(round, full_lora_arrays)`` is an extra server-side evaluation, called after every round.
+        """
+        if num_rounds is not None and num_rounds != self.schedule.total_rounds:
+            raise ValueError(f"num_rounds={num_rounds} differs from the schedule's {self.schedule.total_rounds}")
+        timeout = self.fed.reply_timeout_s if timeout is None else timeout
+        self._extra_train_config = dict(train_config or {})
+        evaluate_config = evaluate_config or ConfigRecord()
+        self.summary()
+        result = Result()
+        rows = self._initialise(initial_arrays)
+        self.run_dir.write_config(config_to_dict(self.config))
+        self._discover(grid)
+        state = self._require_state()
+        for row in rows:
+            result.train_metrics_clientapp[int(row["round"])] = MetricRecord(
+                {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            )
+        for server_round in range(state.round + 1, self.schedule.total_rounds + 1):
+            row = self._run_round(grid, server_round, timeout, evaluate_config)
+            rows.append(row)
+            result.train_metrics_clientapp[server_round] = MetricRecord(
+                {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            )
+            if row.get("eval_loss") is not None:
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(
+                    {"eval_loss": float(row["eval_loss"])}
+                    | ({"eval_accuracy": float(row["eval_accuracy"])} if row.get("eval_accuracy") is not None else {})
+                )
+            if evaluate_fn is not None:
+                extra = evaluate_fn(server_round, ArrayRecord(dict(state.full_lora)))
+                if extra is not None:
+                    result.evaluate_metrics_serverapp.setdefault(server_round, MetricRecord()).update(extra)
+        self._finish(rows)
+        result.arrays = ArrayRecord(dict(self._require_state().full_lora))
+        return result
+
+    def _initialise(self, initial_arrays: ArrayRecord | None) -> list[dict[str, Any]]:
+        """Fresh state, or the checkpoint's (with metrics.jsonl cut back to the checkpointed round)."""
+        self.run_dir.prepare(self.resume)
+        if self.resume:
+            payload = load_checkpoint(self.run_dir.checkpoint)
+            assert payload is not None  # prepare() checked it exists
+            self._check_resumable(json.loads(payload["config"]))
+            self.state = RunState.from_payload(payload)
+            restore_rng_states(payload["rng"])
+            rows = self.run_dir.truncate_metrics(self.state.round)
+            log.info("resuming after round %d of %d", self.state.round, self.schedule.total_rounds)
+            return rows
+        if initial_arrays is not None:
+            full = {k: torch.from_numpy(a.numpy()).float() for k, a in initial_arrays.items()}
+        else:
+            full = self.model.initial_lora()
+        self.state = RunState(round=0, full_lora=full)
+        return []
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint written under a different configuration."""
+        now = config_to_flat(self.config)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+            raise ValueError(f"cannot resume {self.run_dir.path}: the config differs from the checkpoint's ({details})")
+
+    def _discover(self, grid: Grid) -> None:
+        self.partition_to_node = discover_partitions(
+            grid, self.config.data.num_clients, min_required=self.fed.clients_per_round
+        )
+        self.node_to_partition = {n: p for p, n in self.partition_to_node.items()}
+
+    def _run_round(self, grid: Grid, server_round: int, timeout: float, evaluate_config: ConfigRecord) -> dict[str, Any]:
+        state = self._require_state()
+        start = time.perf_counter()
+        self._round = _RoundLog()
+        stage = self.schedule.stage_of_round(server_round)
+        if state.stage is None or state.stage.plan.stage != stage:
+            self._start_stage(stage)
+        assert state.stage is not None and state.sub_lora is not None
+        plan = state.stage.plan
+
+        # Clients keep nothing between rounds, so each gets everything the rule sends in a stage's first round.
+        downlink = self.rule.downlink(self.rule.init_state(state.sub_lora), full=True)
+        replies = grid.send_and_receive(
+            self.configure_train(server_round, _to_record(downlink, self.fed.wire_dtype), ConfigRecord(), grid),
+            timeout=timeout,
+        )
+        aggregated, _ = self.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            state.sub_lora = {k: torch.from_numpy(a.numpy()).float() for k, a in aggregated.items()}
+
+        end_of_stage = self.schedule.is_last_round_of_stage(server_round)
+        if end_of_stage:
+            state.full_lora = self.model.transfer(state.full_lora, state.sub_lora, plan)
+
+        if self.fed.client_eval and self._is_eval_round(server_round):
+            eval_replies = grid.send_and_receive(
+                self.configure_evaluate(server_round, _to_record(state.sub_lora, self.fed.wire_dtype), evaluate_config, grid),
+                timeout=timeout,
+            )
+            self.aggregate_evaluate(server_round, eval_replies)
+
+        evaluation: dict[str, Any] = {"eval_loss": None, "eval_accuracy": None, "submodel_eval_loss": None}
+        eval_s = 0.0
+        if self._is_eval_round(server_round):
+            eval_start = time.perf_counter()
+            full_view = state.full_lora if end_of_stage else self.model.transfer(state.full_lora, state.sub_lora, plan)
+            result = self.model.evaluate_full(full_view)
+            evaluation["eval_loss"] = result.loss
+            evaluation["eval_accuracy"] = result.accuracy
+            evaluation["eval_family_accuracy"] = result.family_accuracy or None
+            evaluation["submodel_eval_loss"] = (
+                result.loss if self.model.is_identity(plan) else self.model.evaluate_submodel(plan, state.sub_lora)
+            )
+            eval_s = time.perf_counter() - eval_start
+
+        round_wall_s = time.perf_counter() - start
+        state.round = server_round
+        state.elapsed_s += round_wall_s
+        row = self._row(server_round, plan.stage, plan.capacity, round_wall_s, eval_s, evaluation, end_of_stage)
+        row["elapsed_s"] = state.elapsed_s
+        self.run_dir.append_metrics(row)
+        save_checkpoint(self.run_dir.checkpoint, state.to_payload(self.config))
+        for callback in self.on_round:
+            callback(row)
+        return row
+
+    def _start_stage(self, stage: int) -> None:
+        """Plan ``stage`` from the full LoRA state and derive the submodel's starting LoRA."""
+        state = self._require_state()
+        start = time.perf_counter()
+        planned = self.model.plan(stage, state.full_lora)
+        state.stage = planned
+        state.sub_lora = self.model.submodel_lora(state.full_lora, planned.plan)
+        record = planned.record() | {"plan_s": time.perf_counter() - start, "first_round": self.schedule.first_round(stage)}
+        self.run_dir.write_stage(stage, record)
+        log.info("stage %d: %d of %d layers, groups %s", stage, planned.plan.capacity, self.model.num_layers, planned.plan.groups)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_state(self) -> RunState:
+        if self.state is None:
+            raise RuntimeError("the strategy has not been started")
+        return self.state
+
+    def _is_eval_round(self, server_round: int) -> bool:
+        return server_round % self.fed.eval_every == 0 or server_round == self.schedule.total_rounds
+
+    def _train_metrics(self, updates: list[ClientUpdate]) -> MetricRecord:
+        """Example-weighted mean training loss of the valid replies (what Flower's Result records)."""
+        if not updates:
+            return MetricRecord({"clients-ok": 0})
+        total = sum(u.num_examples for u in updates)
+        loss = sum(u.num_examples * float(u.metrics.get("train-loss", 0.0)) for u in updates) / total
+        return MetricRecord({"train-loss": loss, "clients-ok": len(updates)})
+
+    def _row(
+        self,
+        server_round: int,
+        stage: int,
+        layers: int,
+        round_wall_s: float,
+        eval_s: float,
+        evaluation: dict[str, Any],
+        end_of_stage: bool,
+    ) -> dict[str, Any]:
+        """The metrics.jsonl row of a round (DESIGN.md §4)."""
+        r = self._round
+        ok = sorted(r.updates, key=lambda u: u.partition_id)
+
+        def values(key: str) -> list[float]:
+            return [float(u.metrics[key]) for u in ok if isinstance(u.metrics.get(key), int | float)]
+
+        train_s, flops, rss = values("train-s"), values("train-flops"), values("peak-rss-mb")
+        total = sum(u.num_examples for u in ok)
+        return {
+            "round": server_round,
+            "stage": stage,
+            "submodel_layers": layers,
+            "end_of_stage": end_of_stage,
+            "clients_sampled": len(r.sampled),
+            "clients_ok": len(ok),
+            "clients_failed": len(r.failures),
+            "aggregated": r.aggregated,
+            "sampled_partitions": r.sampled,
+            "failures": [{"partition": f.partition_id, "reason": f.reason} for f in r.failures],
+            "bytes_up": r.bytes_up,
+            "bytes_down": r.bytes_down,
+            "train_flops": sum(flops),
+            "client_train_s_mean": statistics.fmean(train_s) if train_s else None,
+            "client_train_s_max": max(train_s) if train_s else None,
+            "client_train_s_sum": sum(train_s),
+            "round_wall_s": round_wall_s,
+            "aggregate_s": r.aggregate_s,
+            "eval_s": eval_s,
+            "peak_rss_mb": max(rss) if rss else None,
+            "train_loss": sum(u.num_examples * float(u.metrics["train-loss"]) for u in ok) / total if ok else None,
+            "num_examples": total,
+            **evaluation,
+            **r.client_eval,
+        }
+
+    def _finish(self, rows: list[dict[str, Any]]) -> None:
+        """Save the adapter and write summary.json."""
+        state = self._require_state()
+        self.model.save_adapter(state.full_lora, self.run_dir.adapter)
+        self.run_dir.write_summary(self._summary(rows))
+
+    def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        state = self._require_state()
+        evaluated = [r for r in rows if r.get("eval_loss") is not None]
+        last = evaluated[-1] if evaluated else {}
+        target = self.fed.target_eval_loss
+        reached = None
+        if target > 0:
+            cumulative = {"wall_s": 0.0, "bytes": 0.0, "train_flops": 0.0, "client_train_s": 0.0}
+            for row in rows:
+                cumulative["wall_s"] += float(row["round_wall_s"])
+                cumulative["bytes"] += float(row["bytes_up"]) + float(row["bytes_down"])
+                cumulative["train_flops"] += float(row["train_flops"])
+                cumulative["client_train_s"] += float(row["client_train_s_sum"])
+                if row.get("eval_loss") is not None and row["eval_loss"] <= target:
+                    reached = {"round": row["round"], **cumulative}
+                    break
+        return {
+            "label": self._label(),
+            "method": self.fed.method,
+            "aggregation": self.fed.aggregation,
+            "model": self.config.model.name,
+            "seed": self.fed.seed,
+            "config": config_to_dict(self.config),
+            "schedule": {"capacities": list(self.schedule.capacities), "rounds": list(self.schedule.rounds)},
+            "num_layers": self.model.num_layers,
+            "rounds": len(rows),
+            "wall_s": state.elapsed_s,
+            "totals": {
+                "bytes_up": int(sum(r["bytes_up"] for r in rows)),
+                "bytes_down": int(sum(r["bytes_down"] for r in rows)),
+                "train_flops": float(sum(r["train_flops"] for r in rows)),
+                "client_train_s": float(sum(r["client_train_s_sum"] for r in rows)),
+                "clients_failed": int(sum(r["clients_failed"] for r in rows)),
+                "rounds_skipped": int(sum(1 for r in rows if not r["aggregated"])),
+            },
+            "final": {
+                "round": last.get("round"),
+                "eval_loss": last.get("eval_loss"),
+                "eval_accuracy": last.get("eval_accuracy"),
+                "eval_family_accuracy": last.get("eval_family_accuracy"),
+                "submodel_eval_loss": last.get("submodel_eval_loss"),
+                "train_loss": rows[-1]["train_loss"] if rows else None,
+            },
+            "target_eval_loss": target or None,
+            "to_target": reached,
+            "adapter": str(self.run_dir.adapter),
+        }
+
+    def _label(self) -> str:
+        g = self.config.growth
+        if self.fed.method != "devft":
+            return self.fed.method
+        parts = ["devft"]
+        if g.grouping != "dglg":
+            parts.append(f"grouping={g.grouping}")
+        if g.fusion != "dblf":
+            parts.append(f"fusion={g.fusion}")
+        if self.fed.aggregation != "fedit":
+            parts.append(f"agg={self.fed.aggregation}")
+        return " ".join(parts)

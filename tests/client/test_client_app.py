@@ -1,0 +1,137 @@
+"""The ClientApp called directly with hand-built messages (no server, no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app
+from client.faults import InjectedFault, corrupt_reply
+from devft.config import config_to_flat, load_config
+from devft.growth import PlanMismatchError, make_plan, submodel_lora
+from devft.models import LoraSettings, attach_lora, load_model, lora_state
+
+SMOKE = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.toml"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _stage0(config):
+    """Plan of a 4-layer stage and its LoRA, made as the server makes them."""
+    base = load_model(config.model.name)
+    full = attach_lora(base.model, config.lora, seed=config.federation.seed)
+    plan = make_plan(full, stage=0, capacity=4, settings=dataclasses.replace(config.growth, grouping="even"))
+    return plan, submodel_lora(lora_state(full), plan)
+
+
+def _message(config, plan_json: str, lora, message_type=MessageType.TRAIN, server_round: int = 1) -> Message:
+    record = ConfigRecord({**config_to_flat(config), "server-round": server_round, "plan": plan_json})
+    content = RecordDict({"arrays": ArrayRecord({k: v.float() for k, v in lora.items()}), "config": record})
+    msg = Message(content, dst_node_id=7, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = "m-1"
+    return msg
+
+
+def _context(partition: int) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 4},
+                   state=RecordDict(), run_config={})
+
+
+def _arrays(reply: Message) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(a.numpy()) for k, a in reply.content["arrays"].items()}
+
+
+def test_train_replies_with_the_trained_submodel_lora_and_its_costs():
+    config = load_config(SMOKE)
+    plan, lora = _stage0(config)
+    reply = app(_message(config, plan.to_json(), lora), _context(1))
+    assert not reply.has_error()
+    arrays = _arrays(reply)
+    assert arrays.keys() == lora.keys()
+    assert all(arrays[k].shape == lora[k].shape and arrays[k].dtype == torch.float32 for k in lora)
+    assert any(arrays[k].any() for k in lora if "lora_B" in k)  # B left zero: it trained
+    metrics = reply.content["metrics"]
+    for key in ("num-examples", "train-loss", "train-s", "train-flops", "peak-rss-mb", "train-steps"):
+        assert metrics[key] > 0, key
+    assert metrics["train-steps"] == config.train.max_steps
+    assert metrics["partition-id"] == 1
+
+    again = app(_message(config, plan.to_json(), lora), _context(1))  # same inputs: same bits
+    assert all(torch.equal(arrays[k], _arrays(again)[k]) for k in lora)
+    other_round = app(_message(config, plan.to_json(), lora, server_round=2), _context(1))  # new data order
+    assert not all(torch.equal(arrays[k], _arrays(other_round)[k]) for k in lora)
+
+
+def test_float16_on_the_wire_and_ffa_uploads_b_only():
+    config = load_config(SMOKE, {"federation.wire_dtype": "float16", "federation.aggregation": "ffa"})
+    plan, lora = _stage0(config)
+    reply = app(_message(config, plan.to_json(), lora), _context(0))
+    arrays = _arrays(reply)
+    assert arrays and all(".lora_B." in k for k in arrays)
+    assert {v.dtype for v in arrays.values()} == {torch.float16}
+
+
+def test_a_plan_for_another_base_model_is_refused():
+    config = load_config(SMOKE)
+    plan, lora = _stage0(config)
+    wrong = dataclasses.replace(plan, base_fingerprint="sha256:" + "0" * 32)
+    with pytest.raises(PlanMismatchError):
+        app(_message(config, wrong.to_json(), lora), _context(0))
+
+
+def test_a_message_missing_adapters_is_refused():
+    config = load_config(SMOKE)
+    plan, lora = _stage0(config)
+    partial = dict(list(lora.items())[1:])
+    with pytest.raises(KeyError, match="lacks 1 LoRA"):
+        app(_message(config, plan.to_json(), partial), _context(0))
+
+
+def test_evaluate_and_partition_query():
+    config = load_config(SMOKE)
+    plan, lora = _stage0(config)
+    reply = app(_message(config, plan.to_json(), lora, MessageType.EVALUATE), _context(2))
+    metrics = reply.content["metrics"]
+    assert metrics["eval-loss"] > 0 and metrics["num-examples"] > 0 and metrics["partition-id"] == 2
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=7, message_type="query.partition")
+    query.metadata.__dict__["_message_id"] = "m-2"
+    assert app(query, _context(3)).content["config"]["partition-id"] == 3
+
+
+def test_fault_injection_modes():
+    state = {"a": torch.ones(2, 3), "b": torch.ones(3, 2)}
+    metrics = {"num-examples": 5}
+    assert corrupt_reply(None, state, metrics) == (state, metrics)
+    assert torch.isnan(corrupt_reply("nan", state, metrics)[0]["a"]).all()
+    assert corrupt_reply("shape", state, metrics)[0]["a"].shape == (3, 3)
+    assert set(corrupt_reply("keys", state, metrics)[0]) == {"b"}
+    assert corrupt_reply("no-examples", state, metrics)[1]["num-examples"] == 0
+    with pytest.raises(InjectedFault):
+        corrupt_reply("raise", state, metrics)
+    assert torch.equal(state["a"], torch.ones(2, 3))  # the inputs are not modified
+
+
+def test_client_trains_with_the_run_lora_settings():
+    config = load_config(SMOKE, {"lora.r": 2, "lora.alpha": 4.0})
+    plan, lora = _stage0(config)
+    assert config.lora == LoraSettings(r=2, alpha=4.0)
+    reply = app(_message(config, plan.to_json(), lora), _context(0))
+    assert all(v.shape == lora[k].shape for k, v in _arrays(reply).items())
+    assert {v.shape[0] for k, v in _arrays(reply).items() if "lora_A" in k} == {2}

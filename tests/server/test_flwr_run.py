@@ -1,0 +1,59 @@
+"""``flwr run .`` runs the same ServerApp/ClientApp from ``[tool.flwr.app.config]`` (slow: about a minute).
+
+The run uses a private FLWR_HOME; ``flwr run`` starts a detached local SuperLink there, which this test stops
+by PID (with its children) afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.common.config import flatten_dict
+from safetensors.torch import load_file
+from simulation_helpers import kill_with_env, pids_with_env, ray_pids
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "simulations" / "configs" / "smoke.toml"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+@pytest.mark.slow
+def test_flwr_run_matches_devft_simulate(private_env, devft_run, tmp_path):
+    env = {**os.environ, **private_env, "FLWR_HOME": str(tmp_path / "flwr")}
+    out = tmp_path / "run"
+    overrides = flatten_dict(tomllib.loads(SMOKE.read_text())) | {"federation.target_eval_loss": 100.0, "run-dir": str(out)}
+    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+    cmd = ["flwr", "run", ".", "--stream", "--run-config", run_config,
+           "--federation-config", "num-supernodes=4 client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        log = proc.stdout + proc.stderr
+        deadline = time.monotonic() + 60  # the stream can end a moment before the summary is written
+        while not (out / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        kill_with_env("FLWR_HOME", env["FLWR_HOME"])  # the detached local SuperLink and all it started
+        kill_with_env("RAY_TMPDIR", private_env["RAY_TMPDIR"])
+    assert (out / "summary.json").exists(), log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["method"] == "devft"
+    _, reference, _ = devft_run  # devft simulate's in-process twin of the same config
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not pids_with_env("FLWR_HOME", env["FLWR_HOME"])
+    assert not ray_pids(private_env["RAY_TMPDIR"])

@@ -1,0 +1,322 @@
+"""The DevFT strategy without Ray: whole runs on an in-process grid, and its hooks on hand-made replies."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from inprocess_grid import InProcessGrid
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from server.checkpoint import load_checkpoint
+from server.metering import serialise
+from server.sampling import discover_partitions, sample_partitions
+
+ROW_FIELDS = {
+    "round", "stage", "submodel_layers", "clients_sampled", "clients_ok", "clients_failed", "bytes_up",
+    "bytes_down", "train_flops", "client_train_s_mean", "client_train_s_max", "round_wall_s", "aggregate_s",
+    "peak_rss_mb", "train_loss", "eval_loss", "eval_accuracy", "submodel_eval_loss",
+}  # fmt: skip
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def lora_numel_per_layer(hidden=64, inter=128, kv=32, r=4):
+    """LoRA parameters of one tiny-llama layer: r·(d_in + d_out) for q, k, v, o, gate, up, down."""
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    return sum(r * (a + b) for a, b in shapes)
+
+
+def test_devft_run_writes_the_run_directory(devft_run):
+    config, out, grid = devft_run
+
+    table = rows(out)
+    assert [r["round"] for r in table] == [1, 2, 3, 4]
+    assert [(r["stage"], r["submodel_layers"]) for r in table] == [(0, 4), (0, 4), (1, 8), (1, 8)]
+    for r in table:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["clients_sampled"] == r["clients_ok"] == 2 and r["clients_failed"] == 0
+        assert r["train_flops"] > 0 and r["peak_rss_mb"] > 0 and math.isfinite(r["train_loss"])
+        assert r["client_train_s_max"] >= r["client_train_s_mean"] > 0
+    # eval every 2 rounds (and at the end); null otherwise
+    assert [r["eval_loss"] is not None for r in table] == [False, True, False, True]
+    assert table[1]["submodel_eval_loss"] != table[1]["eval_loss"]  # 4-layer submodel vs the full model
+    assert table[3]["submodel_eval_loss"] == table[3]["eval_loss"]  # last stage: the submodel is the full model
+
+    # Uplink: each reply carries the submodel's LoRA in float32 (hand-computed size) plus framing: Flower's
+    # per-array headers (npy header, object ids, the key; < 1 KiB per array) and the metrics and envelope.
+    for r in table:
+        arrays = 14 * r["submodel_layers"]  # A and B of 7 modules per layer
+        payload = 4 * lora_numel_per_layer() * r["submodel_layers"]
+        per_reply = r["bytes_up"] / r["clients_ok"]
+        assert payload + 200 * arrays <= per_reply <= payload + 1024 * arrays + 8192
+    # Downlink: exactly the bytes the grid serialised for the train messages of that round.
+    sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    by_round: dict[int, int] = {}
+    for m in sent:
+        _, objects = serialise(m)
+        by_round[int(m.metadata.group_id)] = by_round.get(int(m.metadata.group_id), 0) + sum(map(len, objects.values()))
+    assert [by_round[r["round"]] for r in table] == [r["bytes_down"] for r in table]
+    # The base model never travels: only LoRA tensors of the submodel's layers are sent.
+    for m in sent:
+        keys = list(m.content["arrays"].keys())
+        assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "devft" and summary["seed"] == 0 and summary["rounds"] == 4
+    assert summary["totals"]["bytes_up"] == sum(r["bytes_up"] for r in table)
+    assert summary["final"]["eval_loss"] == table[-1]["eval_loss"]
+    assert summary["config"]["federation"]["num_rounds"] == 4
+    stage0 = json.loads((out / "stages" / "stage-0.json").read_text())
+    assert stage0["plan"]["capacity"] == 4 and len(stage0["similarity"]) == 8
+    assert (out / "report.md").exists()
+
+
+def test_adapter_loads_with_peft_and_matches_the_checkpoint(devft_run):
+    from devft.data import build_federated_data
+    from devft.models import load_model
+    from devft.training import eval_loss
+
+    config, out, _ = devft_run
+    base = load_model("tiny-llama")
+    model = PeftModel.from_pretrained(base.model, str(out / "adapter"))
+    saved = load_checkpoint(out / "checkpoint")["full_lora"]
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(state) == len(saved) > 0
+    for key, value in saved.items():
+        peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        assert torch.equal(state[peft_key], value), key
+    test = build_federated_data(config.data).test
+    loss = eval_loss(model, base.tokenizer, test, config.eval.batch_size, config.data.max_length)
+    summary = json.loads((out / "summary.json").read_text())
+    assert loss == pytest.approx(summary["final"]["eval_loss"], rel=1e-5)
+
+
+def test_resume_after_interruption_is_bitwise_identical(devft_run, run_inprocess, tmp_path):
+    config, full, _ = devft_run
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_3(row):
+        if row["round"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_inprocess(config, tmp_path / "killed", on_round=[kill_after_round_3])
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as fh:  # a row written after the last checkpoint
+        fh.write(json.dumps({"round": 4, "stale": True}) + "\n")
+    run_inprocess(config, tmp_path / "killed", resume=True)
+
+    assert [r["round"] for r in rows(tmp_path / "killed")] == [1, 2, 3, 4]
+    assert "stale" not in rows(tmp_path / "killed")[-1]
+    a, b = adapter(full), adapter(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(devft_run, smoke_config, run_inprocess):
+    _, out, _ = devft_run
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="train.lr"):
+        run_inprocess(smoke_config(train__lr=0.5, federation__target_eval_loss=100.0), out, resume=True)
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_client_that_always_raises_is_a_recorded_failure(smoke_config, run_inprocess, tmp_path):
+    config = smoke_config(federation__clients_per_round=4, federation__fault_injection="1:raise", federation__num_rounds=2,
+                          federation__eval_every=1, federation__client_eval=True)
+    out = tmp_path / "run"
+    run_inprocess(config, out)
+    for r in rows(out):
+        assert (r["clients_sampled"], r["clients_ok"], r["clients_failed"]) == (4, 3, 1)
+        # federated evaluation on all four (partition 1 only fails at training)
+        assert r["client_eval_clients"] == 4 and math.isfinite(r["client_eval_loss"])
+        assert r["aggregated"] is True
+        assert r["failures"][0]["partition"] == 1 and "told to raise" in r["failures"][0]["reason"]
+        assert math.isfinite(r["eval_loss"])
+    assert json.loads((out / "summary.json").read_text())["totals"]["clients_failed"] == 2
+
+
+def test_too_few_replies_skip_the_update(smoke_config, run_inprocess, tmp_path):
+    config = smoke_config(federation__clients_per_round=4, federation__min_replies=3, federation__num_rounds=2,
+                          federation__fault_injection="0:raise,3:no-examples")
+    out = tmp_path / "run"
+    run_inprocess(config, out)
+    table = rows(out)
+    assert [(r["clients_ok"], r["clients_failed"], r["aggregated"]) for r in table] == [(2, 2, False)] * 2
+    reasons = sorted(f["reason"] for f in table[0]["failures"])
+    assert "told to raise" in reasons[0] and "num-examples must be a positive integer" in reasons[1]
+    # Nothing was aggregated: every B is still the initial zero.
+    final = adapter(out)
+    assert all(not v.any() for k, v in final.items() if "lora_B" in k)
+
+
+def test_garbage_replies_never_reach_the_global_model(smoke_config, run_inprocess, tmp_path):
+    faults = {0: ("nan", "NaN or Inf"), 1: ("shape", "shape"), 2: ("keys", "keys differ")}
+    spec = ",".join(f"{p}:{mode}" for p, (mode, _) in faults.items())
+    config = smoke_config(federation__clients_per_round=4, federation__num_rounds=2, federation__fault_injection=spec)
+    out = tmp_path / "run"
+    run_inprocess(config, out)
+    for r in rows(out):
+        assert (r["clients_ok"], r["clients_failed"], r["aggregated"]) == (1, 3, True)
+        for failure in r["failures"]:
+            assert faults[failure["partition"]][1] in failure["reason"], failure
+    assert all(torch.isfinite(v).all() for v in adapter(out).values())
+    # Same adapter as a run where those clients raised instead: their replies had no influence at all.
+    ref = tmp_path / "ref"
+    run_inprocess(smoke_config(federation__clients_per_round=4, federation__num_rounds=2,
+                               federation__fault_injection="0:raise,1:raise,2:raise"), ref)
+    a, b = adapter(out), adapter(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _layer(key: str) -> int:
+    return int(key.split(".layers.")[1].split(".")[0])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "layers", "stages"),
+    [
+        ({"federation.method": "fedit"}, [8, 8], 1),
+        ({"federation.method": "progfed"}, [4, 8], 2),
+        ({"growth.grouping": "random"}, [4, 8], 2),
+        ({"growth.grouping": "even", "growth.fusion": "r-one"}, [4, 8], 2),
+        ({"growth.fusion": "sum"}, [4, 8], 2),
+        ({"federation.aggregation": "ffa"}, [4, 8], 2),
+        ({"federation.aggregation": "svd", "federation.method": "progfed"}, [4, 8], 2),
+    ],
+)
+def test_methods_share_one_code_path(smoke_config, run_inprocess, tmp_path, overrides, layers, stages):
+    """One config key switches method; after stage 0 DevFT has copied each group's LoRA to all its layers,
+    ProgFed has trained layers 0..3 and left 4..7 untouched."""
+    config = smoke_config(**{k.replace(".", "__"): v for k, v in overrides.items()}, federation__num_rounds=2,
+                          federation__eval_every=2)
+    out = tmp_path / "run"
+    after_round_1 = {}
+
+    def grab(row):
+        if row["round"] == 1:
+            after_round_1.update(load_checkpoint(out / "checkpoint")["full_lora"])
+
+    run_inprocess(config, out, on_round=[grab])
+    assert [r["submodel_layers"] for r in rows(out)] == layers
+    assert len(list((out / "stages").glob("stage-*.json"))) == stages
+    method = overrides.get("federation.method", "devft")
+    assert json.loads((out / "summary.json").read_text())["method"] == method
+    if overrides.get("federation.aggregation") == "ffa":  # uplink: B only, r·d_out per module (hand-computed)
+        for r in rows(out):
+            b_only = 4 * 4 * (64 + 32 + 32 + 64 + 128 + 128 + 64) * r["submodel_layers"]
+            assert b_only <= r["bytes_up"] / r["clients_ok"] <= b_only + 1024 * 7 * r["submodel_layers"] + 8192
+    groups = json.loads((out / "stages" / "stage-0.json").read_text())["plan"]["groups"]
+    trained = {k: bool(v.any()) for k, v in after_round_1.items() if "lora_B" in k}
+    if method == "fedit":  # one stage: the full LoRA changes only at its end (here: after round 2)
+        assert groups == [[i] for i in range(8)] and not any(trained.values())
+        assert all(v.any() for k, v in adapter(out).items() if "lora_B" in k)
+    elif method == "progfed":
+        assert groups == [[0], [1], [2], [3]]  # the first L_1 layers, no fusion
+        assert all(t == (_layer(k) < 4) for k, t in trained.items())  # no transfer to layers 4..7
+    else:
+        assert sorted(i for g in groups for i in g) == list(range(8))  # a partition of all layers
+        assert all(trained.values())  # knowledge transfer reached every layer
+        for group in groups:  # … and every layer of a group holds the group's LoRA
+            for key, value in after_round_1.items():
+                if _layer(key) in group[1:]:
+                    anchor_key = key.replace(f".layers.{_layer(key)}.", f".layers.{group[0]}.")
+                    assert torch.equal(value, after_round_1[anchor_key]), key
+
+
+def test_target_eval_loss_reports_cost_to_reach_it(devft_run):
+    _, out, _ = devft_run
+    summary = json.loads((out / "summary.json").read_text())
+    table = rows(out)
+    hit = summary["to_target"]
+    assert hit["round"] == 2  # the first evaluated round
+    assert hit["bytes"] == sum(r["bytes_up"] + r["bytes_down"] for r in table[:2])
+    assert hit["train_flops"] == pytest.approx(sum(r["train_flops"] for r in table[:2]))
+
+
+@pytest.mark.parametrize("rule", ["fedsa", "flora", "fedex"])
+def test_unsupported_or_incompatible_aggregation_is_refused(smoke_config, private_env, rule):
+    from server.methods import method_rule
+
+    with pytest.raises(ValueError, match=rule):
+        method_rule(smoke_config(federation__aggregation=rule))
+
+
+def test_sampling_is_reproducible_and_independent_of_node_ids(private_env):
+    from client.app import app as client_app
+
+    assert sample_partitions(7, 3, range(10), 4) == sample_partitions(7, 3, range(10), 4)
+    draws = {tuple(sample_partitions(7, r, range(10), 4)) for r in range(1, 30)}
+    assert len(draws) > 20  # rounds differ
+    assert sample_partitions(7, 3, range(10), 4) != sample_partitions(8, 3, range(10), 4)
+    a = discover_partitions(InProcessGrid(client_app, 4), 4, 2)
+    b = discover_partitions(InProcessGrid(client_app, 4, node_ids=[91, 17, 55, 3]), 4, 2)
+    assert list(a) == list(b) == [0, 1, 2, 3] and a != b
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample_partitions(0, 1, range(3), 4)
+
+
+def _reply(request: Message, arrays: dict[str, torch.Tensor], num_examples, pid: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": num_examples,
+                          "train-loss": 1.0, "partition-id": pid})})
+    return Message(content=content, reply_to=request)
+
+
+def test_aggregate_train_weights_by_examples_and_drops_invalid_replies(smoke_config, private_env, tmp_path):
+    from server.global_model import GlobalModel
+    from server.run_dir import RunDirectory
+    from server.strategy import DevFTStrategy, RunState
+
+    config = smoke_config(federation__clients_per_round=4)
+    model = GlobalModel(config, test=[])
+    strategy = DevFTStrategy(config, RunDirectory(tmp_path), model)
+    full = model.initial_lora()
+    planned = model.plan(0, full)
+    sub = model.submodel_lora(full, planned.plan)
+    strategy.state = RunState(round=0, full_lora=full, sub_lora=sub, stage=planned)
+    grid = InProcessGrid(None, 4)  # only node ids are needed
+    strategy.partition_to_node = {p: n for p, n in enumerate(grid.get_node_ids())}
+    strategy.node_to_partition = {n: p for p, n in strategy.partition_to_node.items()}
+    requests = strategy.configure_train(1, ArrayRecord(sub), ConfigRecord(), grid)
+    assert len(requests) == 4
+    for m in requests:
+        m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+    by_pid = {strategy.node_to_partition[m.metadata.dst_node_id]: m for m in requests}
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    threes = {k: 3 * torch.ones_like(v) for k, v in sub.items()}
+    bad = dict(ones)
+    bad[next(iter(bad))] = torch.full_like(ones[next(iter(ones))], float("inf"))
+    replies = [
+        _reply(by_pid[0], ones, 30, 0),
+        _reply(by_pid[1], threes, 10, 1),
+        _reply(by_pid[2], bad, 1000, 2),  # non-finite: must be dropped despite its weight
+        _reply(by_pid[3], ones, 2.5, 3),  # not a whole number of examples
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 2
+    for key, array in arrays.items():
+        assert torch.allclose(torch.from_numpy(array.numpy()), torch.full(sub[key].shape, 1.5))  # (30·1 + 10·3) / 40
+    assert sorted(f.partition_id for f in strategy._round.failures) == [2, 3]
+
+
+def test_query_round_needs_a_partition_id(private_env):
+    from client.app import app as client_app
+
+    grid = InProcessGrid(client_app, 2)
+    for context in grid.contexts.values():
+        context.node_config = {}
+    with pytest.raises(RuntimeError, match="usable partition"):
+        discover_partitions(grid, 2, 1, wait_s=0)

@@ -1,0 +1,79 @@
+"""Every config in simulations/configs/ is valid, fits its model, and starts with its own launch command.
+
+Also: the ``[tool.flwr.app.config]`` of pyproject.toml is the quickstart (so ``flwr run .`` and
+``devft simulate`` run the same thing), and each config can be passed to ``flwr run . --run-config FILE``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from devft.cli import build_parser
+from devft.config import config_from_flat, config_to_flat, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "simulations" / "configs").glob("*.toml"))
+_LAYERS: dict[str, int] = {}
+
+
+def _num_layers(name: str) -> int:
+    if name not in _LAYERS:
+        from devft.models import load_model
+
+        _LAYERS[name] = load_model(name).num_layers
+    return _LAYERS[name]
+
+
+def test_the_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.toml", "smoke.toml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_valid_and_fits_its_model(path):
+    from server.methods import method_rule, method_schedule
+
+    config = load_config(path)
+    schedule = method_schedule(config, _num_layers(config.model.name))
+    assert schedule.total_rounds == config.federation.num_rounds
+    method_rule(config)
+    assert config.federation.fault_injection == "", "fault_injection is a test hook, not for configs"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_first_line_is_the_launch_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: the first line must be a comment with the launch command"
+    argv = shlex.split(first[2:])
+    assert argv[0] == "devft", f"{path.name}: the command must start with `devft`, got {first!r}"
+    args = build_parser().parse_args(argv[1:])
+    rel = path.relative_to(REPO).as_posix()
+    configs = list(args.configs) if args.command == "compare" else [getattr(args, "config", None)]
+    assert rel in configs, f"{path.name}: the launch command must name the file itself ({rel}), got {first!r}"
+    for key_value in args.set or []:
+        load_config(path, dict([key_value.split("=", 1)]))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_works_as_flwr_run_config(path):
+    """``flwr run . --run-config FILE`` flattens the file and accepts only keys pyproject declares."""
+    from flwr.common.config import flatten_dict
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    declared_keys = set(flatten_dict(declared))
+    flat = flatten_dict(tomllib.loads(path.read_text()))
+    assert set(flat) <= declared_keys, sorted(set(flat) - declared_keys)
+    assert config_from_flat(flat) == load_config(path)
+
+
+def test_pyproject_app_config_is_the_quickstart():
+    from flwr.common.config import flatten_dict
+
+    declared = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    options = {k: declared.pop(k) for k in list(declared) if "." not in k}
+    assert options == {"run-dir": "", "resume": False}
+    assert declared == config_to_flat(load_config(REPO / "simulations" / "configs" / "quickstart.toml"))
