@@ -105,3 +105,14 @@ def test_smollm2_loads_from_cache_generates_paris_and_trains_a_step():
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_any_local_checkpoint_loads_by_path(tmp_path):
+    source = load_model("tiny-qwen2")
+    source.model.save_pretrained(tmp_path / "ckpt")
+    source.tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(str(tmp_path / "ckpt"))
+    assert loaded.family.name == "qwen2" and loaded.num_layers == source.num_layers
+    for (k, a), (_, b) in zip(source.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.tokenizer.chat_template  # ChatML carried over

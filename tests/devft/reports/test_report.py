@@ -1,0 +1,44 @@
+"""Reports from a run directory: cost to a target (hand-computed), report.md, plots, comparison."""
+
+import json
+
+from devft.reports import cost_to_target, read_run, write_comparison, write_report
+
+
+def _write_run(path, method, losses, bytes_up):
+    path.mkdir(parents=True)
+    rows = []
+    for i, (loss, up) in enumerate(zip(losses, bytes_up), start=1):
+        rows.append({"round": i, "stage": 0 if i < 3 else 1, "submodel_layers": 2 if i < 3 else 4,
+                     "clients_sampled": 2, "clients_ok": 2, "clients_failed": 0, "bytes_up": up,
+                     "bytes_down": up, "train_flops": 1e9 * i, "client_train_s_mean": 1.5, "client_train_s_max": 2.0,
+                     "round_wall_s": 3.0, "aggregate_s": 0.01, "peak_rss_mb": 500.0, "train_loss": loss + 0.1,
+                     "eval_loss": loss, "eval_accuracy": 0.5})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (path / "summary.json").write_text(json.dumps({
+        "method": method, "label": method, "seed": 0, "wall_s": 3.0 * len(rows),
+        "final": {"eval_loss": losses[-1], "eval_accuracy": 0.5},
+        "totals": {"bytes_up": sum(bytes_up), "bytes_down": sum(bytes_up), "train_flops": 1e9, "client_train_s": 9.0},
+    }))
+
+
+def test_cost_to_target_is_the_first_round_at_or_below_it(tmp_path):
+    _write_run(tmp_path / "a", "devft", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20])
+    run = read_run(tmp_path / "a")
+    hit = cost_to_target(run, 1.5)
+    assert hit == {"round": 3, "wall_s": 9.0, "client_train_s": 9.0, "train_flops": 6e9, "bytes": 80.0}
+    assert cost_to_target(run, 0.5)["round"] is None
+
+
+def test_report_and_comparison_files(tmp_path):
+    _write_run(tmp_path / "devft", "devft", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20])
+    _write_run(tmp_path / "fedit", "fedit", [2.5, 1.9, 1.6, 1.4], [40, 40, 40, 40])
+    report = write_report(tmp_path / "devft").read_text()
+    assert "| 3 | 1 | 4 | 2/2 | 0 |" in report
+    assert (tmp_path / "devft" / "plots" / "loss.png").stat().st_size > 1000
+    table = write_comparison([tmp_path / "devft", tmp_path / "fedit"], tmp_path / "cmp").read_text()
+    # default target = the worst final eval loss (1.4): devft reaches it in round 4, fedit in round 4
+    assert "Target eval loss: 1.4" in table
+    assert table.count("\n| devft |") == 1 and table.count("\n| fedit |") == 1
+    for name in ("round", "client_flops", "client_seconds", "bytes"):
+        assert (tmp_path / "cmp" / "plots" / f"eval_loss_vs_{name}.png").exists()

@@ -1,0 +1,62 @@
+"""The run configuration: TOML, Flower run-config keys and --set strings all land in validated dataclasses."""
+
+import pytest
+
+from devft.config import (
+    RunConfig,
+    config_from_flat,
+    config_to_dict,
+    config_to_flat,
+    describe,
+    load_config,
+    parse_overrides,
+)
+
+
+def test_defaults_are_valid_and_flat_round_trip_is_lossless():
+    config = RunConfig()
+    flat = config_to_flat(config)
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert config_to_dict(config_from_flat(flat)) == config_to_dict(config)
+
+
+def test_toml_and_overrides_with_kebab_keys_and_strings(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nname = "tiny-llama"\n[lora]\nr = 4\n[data]\nnum-clients = 6\nalpha = 0.3\n')
+    config = load_config(path, parse_overrides(["lora.alpha=32", "federation.clients-per-round=3", "data.families=add,sort_numbers"]))
+    assert config.model.name == "tiny-llama"
+    assert config.lora.r == 4 and config.lora.alpha == 32.0
+    assert config.data.num_clients == 6 and config.data.alpha == 0.3
+    assert config.federation.clients_per_round == 3
+    assert config.data.families == ("add", "sort_numbers")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora.r", "0", "r=0"),
+        ("data.alpha", "-1", "alpha=-1"),
+        ("federation.method", "fedprox", "method='fedprox'"),
+        ("lora.r", "eight", "lora.r expects int, got 'eight'"),
+        ("nosuch.key", "1", "unknown config key 'nosuch.key'"),
+        ("lora.rank", "1", "unknown config key 'lora.rank'"),
+        ("federation.clients_per_round", "50", "clients_per_round=50 exceeds data.num_clients=10"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_value(key, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_flat({key: value})
+
+
+def test_missing_file_and_malformed_override_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lora.r"])
+
+
+def test_describe_lists_every_section_with_help():
+    text = describe()
+    for section in ("[model]", "[lora]", "[data]", "[train]", "[eval]", "[growth]", "[federation]"):
+        assert section in text
+    assert "LoRA rank r" in text
