@@ -104,9 +104,6 @@ class GlobalModel:
         if self._submodel is None or self._submodel[0] != key:
             self._submodel = None
             sub = build_submodel(self.model, plan)
-            # The copy inherits the peft marker of the server's wrapped base model; drop it so peft does not
-            # treat the plain submodel as already adapted.
-            sub.__dict__.pop("peft_config", None)
             self._submodel = (key, attach_lora(sub, self.config.lora, seed=self.config.federation.seed))
         model = self._submodel[1]
         load_lora_state(model, sub_lora)

@@ -125,6 +125,9 @@ def assemble_submodel(
         sub = copy.deepcopy(base, shared)
     finally:
         setattr(parent, attr, layers)
+    # A peft-wrapped base marks its inner model with `peft_config`; the copy is plain, so drop the marker
+    # or peft would treat the submodel as already adapted.
+    sub.__dict__.pop("peft_config", None)
     replace_decoder_layers(sub, new_layers, source_indices)
     sub.requires_grad_(False)
     sub.eval()

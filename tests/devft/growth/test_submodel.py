@@ -112,6 +112,7 @@ def test_built_from_a_peft_wrapped_model_it_is_the_same_plain_submodel(make_lora
     load_lora_state(wrapped, make_lora("tiny-qwen2", LORA))
     from_wrapped = build_submodel(wrapped, plan, use_cache=False)
     assert not any("lora_" in n for n, _ in from_wrapped.named_parameters())
+    assert not hasattr(from_wrapped, "peft_config")  # else peft sees a second adapter when LoRA is attached
     a, b = plain.state_dict(), from_wrapped.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
