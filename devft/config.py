@@ -204,15 +204,24 @@ def config_from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a TOML config (sections as tables) and apply ``overrides`` (``section.field`` → value)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        with path.open("rb") as fh:
-            values = flatten(tomllib.load(fh))
+    values = _read_toml(Path(path)) if path is not None else {}
     values.update(overrides or {})
     return config_from_flat(values)
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Flat values of a TOML config; a top-level ``extends = "other.toml"`` (relative to the file) is read
+    first and overridden by the file's own values, so variants of a config name only what they change."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config file {str(path)!r} extends itself (cycle: {[str(p) for p in seen]})")
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    parent = raw.pop("extends", None)
+    values = _read_toml(path.parent / parent, (*seen, path.resolve())) if parent else {}
+    values.update(flatten(raw))
+    return values
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -67,9 +67,14 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eval_loss: float = 0.0) -> Path:
-    """Write ``comparison.md`` and ``plots/eval_loss_vs_*.png`` over several run directories."""
+    """Write ``comparison.md`` and ``plots/eval_loss_vs_*.png`` over several run directories.
+
+    Each run is labelled by its directory name (``devft compare`` names them after the config files).
+    """
     out_dir = Path(out_dir)
     runs: list[RunRecords] = [read_run(d) for d in run_dirs]
+    for run in runs:
+        run.summary = {**run.summary, "label": run.path.name}
     plots = plot_comparison(runs, out_dir / "plots")
     if target_eval_loss <= 0:
         finals = [r.summary.get("final", {}).get("eval_loss") for r in runs]
