@@ -4,6 +4,11 @@ A train message carries everything the client needs: the run's flat config and t
 the ConfigRecord ``config``, and the submodel's LoRA in the ArrayRecord ``arrays``. The base model never
 travels: each client loads its own copy and builds the fused submodel itself (cached per process and, by
 the growth module, on disk by plan hash, for deployments that restart the client process per message).
+
+Aggregation rules (:func:`devft.aggregation.client_side.prepare_round`): the message carries what the rule
+sends down (the adapters, and for FLoRA / FedEx-LoRA the cumulative base delta, applied as ``W₀ + Δ``);
+FLoRA restarts from fresh LoRA seeded by the message's ``lora-seed``; FedSA-LoRA's own B is read from and
+written back to this client's disk (:func:`client.runtime.load_personal`, :func:`~client.runtime.save_personal`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from client.runtime import (
     CONFIG_KEY,
     aggregation_rule,
     client_train_seed,
+    held_out,
+    load_personal,
     load_run_config,
     local_partition,
     partition_id,
+    save_personal,
     stage_model,
     to_wire,
 )
-from devft.aggregation.client_side import finish_round, prepare_round
+from devft.aggregation import AggregationRule, ServerState, split_downlink
+from devft.aggregation.client_side import finish_round, load_adapters, prepare_round, set_base_delta
 from devft.models import load_lora_state, lora_state
 from devft.training import eval_loss, train_lora
 
@@ -40,6 +49,17 @@ app = ClientApp()
 def _arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """The received LoRA tensors, as float32 (the wire may carry float16)."""
     return {key: torch.from_numpy(array.numpy()).float() for key, array in record.items()}
+
+
+def _personal(model: torch.nn.Module, rule: AggregationRule, cfg: ConfigRecord, pid: int, before_round: int
+              ) -> dict[str, torch.Tensor]:
+    """This client's own LoRA parts (FedSA-LoRA: B) from its disk; the initial B (zero) before its first round."""
+    stored = load_personal(str(cfg["client-state-key"]), pid, before_round)
+    if stored is not None:
+        return stored
+    state = lora_state(model)
+    uploaded = rule.client_payload(state)
+    return {k: torch.zeros_like(v) for k, v in state.items() if k not in uploaded}
 
 
 @app.train()
@@ -56,14 +76,21 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer, plan = stage_model(config, str(cfg["plan"]))
     rule = aggregation_rule(config)
     downlink = _arrays_to_state(msg.content["arrays"])
-    missing = sorted(set(lora_state(model)) - set(downlink))
-    if missing:  # clients keep nothing between rounds: every adapter must come with the message
+    # Clients keep nothing but personal parts between rounds: everything the rule sends must be here.
+    expected = rule.downlink(ServerState(lora=dict(lora_state(model))), full=True)
+    missing = sorted(set(expected) - set(downlink))
+    if missing:
         raise KeyError(f"the message lacks {len(missing)} LoRA tensors of the submodel, e.g. {missing[0]!r}")
-    prepare_round(model, rule, downlink)  # loads the adapters; FFA-LoRA also freezes A
+    personal = _personal(model, rule, cfg, pid, server_round) if rule.personalised else None
+    seed = int(cfg["lora-seed"]) if rule.fresh_lora_each_round else None
+    # Loads the adapters (+ base delta, FLoRA's fresh LoRA, FedSA's own B); FFA-LoRA also freezes A.
+    prepare_round(model, rule, downlink, personal=personal, seed=seed)
     examples = local_partition(config, pid)
     settings = dataclasses.replace(config.train, seed=client_train_seed(config.train.seed, server_round, pid))
     result = train_lora(model, tokenizer, examples, settings, max_length=config.data.max_length)
-    payload, _ = finish_round(model, rule)  # what the rule uploads (FFA-LoRA: B only)
+    payload, keep = finish_round(model, rule)  # what the rule uploads (FFA-LoRA: B only; FedSA-LoRA: A only)
+    if rule.personalised:
+        save_personal(str(cfg["client-state-key"]), pid, server_round, keep)
     state = to_wire(payload, config.federation.wire_dtype)
     metrics = {
         "num-examples": len(examples),
@@ -87,13 +114,25 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Loss of the received submodel LoRA on this client's partition (federated evaluation)."""
+    """Loss of the received submodel LoRA on this client's partition (federated evaluation).
+
+    The message may carry a base delta (FLoRA, FedEx-LoRA: applied as ``W₀ + Δ``); a personalised rule
+    (FedSA-LoRA) evaluates with this client's own B from its disk. ``eval-split = test`` evaluates on the
+    run's held-out set instead of the local partition (the personalised "global" evaluation).
+    """
     cfg: ConfigRecord = msg.content[CONFIG_KEY]
     config = load_run_config(cfg)
     pid = partition_id(context)
     model, tokenizer, _ = stage_model(config, str(cfg["plan"]))
-    load_lora_state(model, _arrays_to_state(msg.content["arrays"]))
-    examples = local_partition(config, pid)
+    rule = aggregation_rule(config)
+    adapters, deltas = split_downlink(_arrays_to_state(msg.content["arrays"]))
+    set_base_delta(model, deltas)
+    if rule.personalised:  # the shared parts from the message (a subset), this client's own from its disk
+        load_adapters(model, adapters)
+        load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1))
+    else:
+        load_lora_state(model, adapters)
+    examples = held_out(config) if cfg.get("eval-split") == "test" else local_partition(config, pid)
     loss = eval_loss(model, tokenizer, examples, config.eval.batch_size, config.data.max_length)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation loss is {loss}")

@@ -4,13 +4,21 @@ Everything is cached per process (module level) because the simulation engine re
 messages; the fused submodel layers are also cached on disk by the growth module, and the base model by
 ``devft.models``, so a deployment that starts a fresh process per message only re-reads files. Nothing of
 this goes into ``context.state``.
+
+A personalised rule's own state (FedSA-LoRA's B) is kept on the client's disk, not in ``context.state``
+(which the simulation ships with every call): :func:`save_personal` writes one safetensors file per round
+atomically under ``cache_root()/clients/<client-state key>/<partition>/``, :func:`load_personal` reads the
+newest one written before a given round (so a resumed run that repeats a round is exact).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +30,7 @@ from devft.aggregation import AggregationRule, get_rule
 from devft.config import RunConfig, config_from_flat
 from devft.data import Example, FederatedData, build_federated_data
 from devft.growth import GrowthPlan, build_submodel
-from devft.models import LoadedModel, attach_lora, load_model
+from devft.models import LoadedModel, attach_lora, cache_root, load_model
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,65 @@ def local_partition(config: RunConfig, pid: int) -> list[Example]:
     if not partitions[pid]:
         raise ValueError(f"partition {pid} is empty")
     return partitions[pid]
+
+
+def held_out(config: RunConfig) -> list[Example]:
+    """The run's held-out set (what the server evaluates on; ``eval.max_examples`` applied)."""
+    key = repr(config.data)
+    if key not in _data:
+        _data.clear()
+        _data[key] = build_federated_data(config.data)
+    test = _data[key].test
+    return test[: config.eval.max_examples] if config.eval.max_examples else test
+
+
+_PERSONAL_FILE = re.compile(r"^personal-r(\d+)\.safetensors$")
+
+
+def personal_dir(state_key: str, pid: int) -> Path:
+    """Where partition ``pid`` keeps its personal LoRA parts for the run keyed ``state_key``."""
+    if not state_key or not re.fullmatch(r"[0-9a-zA-Z_-]+", state_key):
+        raise ValueError(f"client-state-key={state_key!r} is not a usable directory name (the server sends one per run)")
+    return cache_root() / "clients" / state_key / str(pid)
+
+
+def load_personal(state_key: str, pid: int, before_round: int) -> dict[str, torch.Tensor] | None:
+    """The personal tensors this client saved in its newest round ``< before_round`` (None if none)."""
+    from safetensors.torch import load_file
+
+    directory = personal_dir(state_key, pid)
+    if not directory.exists():
+        return None
+    rounds = sorted(int(m.group(1)) for f in directory.iterdir() if (m := _PERSONAL_FILE.match(f.name)))
+    earlier = [r for r in rounds if r < before_round]
+    if not earlier:
+        return None
+    return load_file(str(directory / f"personal-r{earlier[-1]:06d}.safetensors"))
+
+
+def save_personal(state_key: str, pid: int, server_round: int, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write this round's personal tensors atomically (tmp + rename); keep the previous round's file only."""
+    from safetensors.torch import save_file
+
+    directory = personal_dir(state_key, pid)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"personal-r{server_round:06d}.safetensors"
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, target)
+    rounds = sorted(int(m.group(1)) for f in directory.iterdir() if (m := _PERSONAL_FILE.match(f.name)))
+    earlier = [r for r in rounds if r < server_round]
+    for r in earlier[:-1]:  # keep the one before this round: a resumed run may repeat this round
+        (directory / f"personal-r{r:06d}.safetensors").unlink(missing_ok=True)
+    return target
+
+
+def clear_process_caches() -> None:
+    """Forget every per-process cache (what a fresh ClientApp process starts without)."""
+    _configs.clear()
+    _bases.clear()
+    _data.clear()
+    _stage.clear()
 
 
 def stage_model(config: RunConfig, plan_json: str) -> tuple[PeftModel, PreTrainedTokenizerBase, GrowthPlan]:

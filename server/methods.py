@@ -9,8 +9,9 @@
 Data, seed, clients, local steps and total rounds come from the same config for every method.
 
 The LoRA aggregation rule (``federation.aggregation``) is orthogonal to the method; :func:`method_rule`
-refuses combinations that cannot work (``devft.aggregation.check_compatible``) and the rules this strategy
-does not run yet.
+refuses combinations that cannot work (``devft.aggregation.check_compatible``) and those this strategy
+does not run yet (:data:`RULE_METHODS`): FLoRA, FedEx-LoRA (base-weight deltas) and FedSA-LoRA (personal B
+on each client) run with ``fedit`` only.
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ from devft.aggregation import AggregationRule, check_compatible, get_rule
 from devft.config import RunConfig
 from devft.growth import GrowthSettings, StageSchedule, make_schedule
 
-SUPPORTED_RULES = ("fedit", "ffa", "svd")
-"""Rules with one global LoRA and frozen base weights, which the strategy runs end to end."""
+SUPPORTED_RULES = ("fedit", "ffa", "svd", "fedsa", "flora", "fedex")
+"""Rules the strategy runs end to end (each with the methods :data:`RULE_METHODS` allows)."""
 
-_UNSUPPORTED = {
-    "fedsa": "FedSA-LoRA keeps each client's B on the client across rounds and stages (client-side state and "
-    "client-side knowledge transfer), which the ClientApp does not implement yet",
-    "flora": "FLoRA folds every round into the frozen base weights (base deltas on clients and server, and an "
-    "adapter that cannot be saved in peft's format), which the strategy does not implement yet",
-    "fedex": "FedEx-LoRA folds a residual into the frozen base weights (base deltas on clients and server), "
-    "which the strategy does not implement yet",
+RULE_METHODS: dict[str, tuple[str, ...]] = {
+    "fedit": ("fedit", "progfed", "devft"),
+    "ffa": ("fedit", "progfed", "devft"),
+    "svd": ("fedit", "progfed", "devft"),
+    "flora": ("fedit",),
+    "fedex": ("fedit",),
+    "fedsa": ("fedit",),
+}
+"""Methods each rule runs with in this Flower app (``check_compatible`` refuses more on principle)."""
+
+_NOT_YET = {
+    "flora": "the server keeps FLoRA's base-weight delta for the full model only; carrying it across ProgFed's "
+    "growing submodels (and into the submodel evaluation) is not implemented",
+    "fedex": "the server keeps FedEx-LoRA's base-weight delta for the full model only; carrying it across "
+    "ProgFed's growing submodels (and into the submodel evaluation) is not implemented",
+    "fedsa": "each client keeps its own B for one fixed model; moving it with the stage plan (client-side "
+    "fusion and knowledge transfer of the personal B between stages) is not implemented",
 }
 
 
@@ -41,10 +52,11 @@ def method_rule(config: RunConfig) -> AggregationRule:
         check_compatible(name, method)
     except ValueError as err:
         raise ValueError(f"federation.aggregation={name!r} with federation.method={method!r}: {err}") from err
-    if name not in SUPPORTED_RULES:
+    if method not in RULE_METHODS.get(name, ()):
         raise ValueError(
-            f"federation.aggregation={name!r} is not supported by the devft strategy: {_UNSUPPORTED.get(name, '')}; "
-            f"use one of {SUPPORTED_RULES}"
+            f"federation.aggregation={name!r} with federation.method={method!r} is not supported by the devft "
+            f"strategy: {_NOT_YET.get(name, 'unknown rule')}; use federation.method in {list(RULE_METHODS.get(name, ()))} "
+            f"or one of {[r for r, m in RULE_METHODS.items() if method in m]} with {method!r}"
         )
     return get_rule(name, alpha=config.lora.alpha)
 

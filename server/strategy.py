@@ -9,14 +9,24 @@ too. After every round one metrics row is appended to the run directory and a ch
 ``resume`` continues a killed run and ends with the same adapter as an uninterrupted one.
 
 FedIT and ProgFed run through this same class (see :mod:`server.methods`).
+
+Aggregation rules (``federation.aggregation``, :mod:`devft.aggregation`): the strategy keeps the rule's
+server state between rounds, i.e. the submodel LoRA and, for rules that change the frozen weights (FLoRA,
+FedEx-LoRA), the cumulative base delta of every module, which travels down with every train message (the
+rule's downlink), is applied in the server's evaluation, is checkpointed, and is folded into the exported
+adapter. For a personalised rule (FedSA-LoRA) each client keeps its own B on its disk, under a key the
+server draws once per run (``client-state-key``, kept in the checkpoint so a resumed run finds them), and
+the run's ``eval_loss`` is the mean held-out loss of the sampled clients' personalised models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from devft.aggregation import BaseDelta, ServerState
 from devft.config import RunConfig, config_to_dict, config_to_flat
 from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -57,9 +68,13 @@ class RunState:
     sub_lora: LoraState | None = None  # the current stage's submodel LoRA (None before stage 0 is planned)
     stage: StagePlan | None = None
     elapsed_s: float = 0.0  # wall time of completed rounds (carried across resumes)
+    base_delta: dict[str, BaseDelta] = field(default_factory=dict)  # module → cumulative base-weight change
+    client_state_key: str = ""  # where clients keep personal state (FedSA-LoRA's B); drawn once per run
 
     def to_payload(self, config: RunConfig) -> dict[str, Any]:
         return {
+            "base_delta": ServerState(lora={}, base_delta=self.base_delta).to_tensors(),
+            "client_state_key": self.client_state_key,
             "config": json.dumps(config_to_flat(config), sort_keys=True),
             "round": self.round,
             "full_lora": self.full_lora,
@@ -86,6 +101,8 @@ class RunState:
             sub_lora=None if payload["sub_lora"] is None else dict(payload["sub_lora"]),
             stage=stage,
             elapsed_s=float(payload["elapsed_s"]),
+            base_delta=ServerState.from_tensors(payload.get("base_delta", {})).base_delta,
+            client_state_key=str(payload.get("client_state_key", "")),
         )
 
 
@@ -101,6 +118,13 @@ class _RoundLog:
     aggregated: bool = False
     aggregate_s: float = 0.0
     client_eval: dict[str, float] = field(default_factory=dict)
+    base_delta: dict[str, BaseDelta] | None = None  # the aggregated base delta (None: unchanged)
+
+
+def round_lora_seed(seed: int, server_round: int) -> int:
+    """Seed of the fresh LoRA every client starts a round from (FLoRA): one per (run seed, round)."""
+    digest = hashlib.sha256(f"fresh-lora:{seed}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _to_record(state: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
@@ -180,6 +204,8 @@ class DevFTStrategy(Strategy):
                 "server-round": server_round,
                 "stage": state.stage.plan.stage,
                 "plan": state.stage.plan.to_json(),
+                "lora-seed": round_lora_seed(self.fed.seed, server_round),
+                "client-state-key": state.client_state_key,
             }
         )
         messages = [
@@ -205,7 +231,7 @@ class DevFTStrategy(Strategy):
         """
         state = self._require_state()
         assert state.sub_lora is not None  # set when the stage was planned
-        rule_state = self.rule.init_state(state.sub_lora)
+        rule_state = ServerState(lora=dict(state.sub_lora), base_delta=dict(state.base_delta))
         expected = self.rule.expected_upload(rule_state)
         replies = list(replies)
         answered = set()
@@ -243,6 +269,7 @@ class DevFTStrategy(Strategy):
         new_state = self.rule.aggregate(rule_state, [u.record for u in updates], [u.num_examples for u in updates])
         self._round.aggregate_s = time.perf_counter() - start
         self._round.aggregated = True
+        self._round.base_delta = new_state.base_delta
         return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics
 
     def configure_evaluate(
@@ -252,8 +279,15 @@ class DevFTStrategy(Strategy):
         state = self._require_state()
         if not self.fed.client_eval or state.stage is None or not self._is_eval_round(server_round):
             return []
+        return self._evaluate_messages(server_round, arrays, config, split="train")
+
+    def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, split: str) -> list[Message]:
+        """EVALUATE messages to the round's sampled clients; ``split``: ``train`` (their partition) or ``test``."""
+        state = self._require_state()
+        assert state.stage is not None
         record = ConfigRecord(
-            {**self.flat_config, **dict(config), "server-round": server_round, "plan": state.stage.plan.to_json()}
+            {**self.flat_config, **dict(config), "server-round": server_round, "plan": state.stage.plan.to_json(),
+             "eval-split": split, "client-state-key": state.client_state_key}
         )
         messages = [
             Message(
@@ -269,6 +303,14 @@ class DevFTStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation losses (errors are logged and left out)."""
+        mean, count = self._mean_eval_loss(server_round, replies)
+        if mean is None:
+            return None
+        self._round.client_eval = {"client_eval_loss": mean, "client_eval_clients": count}
+        return MetricRecord({"client-eval-loss": mean})
+
+    def _mean_eval_loss(self, server_round: int, replies: Iterable[Message]) -> tuple[float | None, int]:
+        """Example-weighted mean ``eval-loss`` of the replies (counting their bytes) and how many gave one."""
         losses, weights = [], []
         for reply in replies:
             self._round.bytes_up += wire_bytes(reply)
@@ -281,10 +323,8 @@ class DevFTStrategy(Strategy):
                 losses.append(loss)
                 weights.append(float(n))
         if not losses:
-            return None
-        mean = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
-        self._round.client_eval = {"client_eval_loss": mean, "client_eval_clients": len(losses)}
-        return MetricRecord({"client-eval-loss": mean})
+            return None, 0
+        return sum(w * x for w, x in zip(weights, losses)) / sum(weights), len(losses)
 
     # ------------------------------------------------------------------ the loop
 
@@ -355,7 +395,9 @@ class DevFTStrategy(Strategy):
             full = {k: torch.from_numpy(a.numpy()).float() for k, a in initial_arrays.items()}
         else:
             full = self.model.initial_lora()
-        self.state = RunState(round=0, full_lora=full)
+        initial = self.rule.init_state(full)  # FLoRA folds a non-zero initial B·A into the base delta
+        self.state = RunState(round=0, full_lora=initial.lora, base_delta=initial.base_delta,
+                              client_state_key=uuid.uuid4().hex)
         return []
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
@@ -383,7 +425,8 @@ class DevFTStrategy(Strategy):
         plan = state.stage.plan
 
         # Clients keep nothing between rounds, so each gets everything the rule sends in a stage's first round.
-        downlink = self.rule.downlink(self.rule.init_state(state.sub_lora), full=True)
+        # Base deltas (FLoRA, FedEx-LoRA) are cumulative: a fresh client process is exact from this alone.
+        downlink = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=state.base_delta), full=True)
         replies = grid.send_and_receive(
             self.configure_train(server_round, _to_record(downlink, self.fed.wire_dtype), ConfigRecord(), grid),
             timeout=timeout,
@@ -391,24 +434,41 @@ class DevFTStrategy(Strategy):
         aggregated, _ = self.aggregate_train(server_round, replies)
         if aggregated is not None:
             state.sub_lora = {k: torch.from_numpy(a.numpy()).float() for k, a in aggregated.items()}
+            if self._round.base_delta is not None:
+                state.base_delta = self._round.base_delta
 
         end_of_stage = self.schedule.is_last_round_of_stage(server_round)
         if end_of_stage:
             state.full_lora = self.model.transfer(state.full_lora, state.sub_lora, plan)
 
         if self.fed.client_eval and self._is_eval_round(server_round):
+            # the submodel LoRA and (FLoRA, FedEx-LoRA) the base delta it sits on
+            sub_with_delta = ServerState(lora=state.sub_lora, base_delta=state.base_delta).to_tensors()
             eval_replies = grid.send_and_receive(
-                self.configure_evaluate(server_round, _to_record(state.sub_lora, self.fed.wire_dtype), evaluate_config, grid),
+                self.configure_evaluate(server_round, _to_record(sub_with_delta, self.fed.wire_dtype), evaluate_config, grid),
                 timeout=timeout,
             )
             self.aggregate_evaluate(server_round, eval_replies)
 
-        evaluation: dict[str, Any] = {"eval_loss": None, "eval_accuracy": None, "submodel_eval_loss": None}
+        evaluation: dict[str, Any] = {"eval_loss": None, "eval_accuracy": None, "submodel_eval_loss": None,
+                                      "eval_kind": self._eval_kind()}
         eval_s = 0.0
-        if self._is_eval_round(server_round):
+        if self._is_eval_round(server_round) and self.rule.personalised:
+            # No global model: the held-out loss of each sampled client's own (Ā, B_k), on the clients.
+            eval_start = time.perf_counter()
+            shared = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=state.base_delta))  # Ā only
+            messages = self._evaluate_messages(
+                server_round, _to_record(shared, self.fed.wire_dtype), evaluate_config, split="test"
+            )
+            loss, count = self._mean_eval_loss(server_round, grid.send_and_receive(messages, timeout=timeout))
+            evaluation.update(eval_loss=loss, submodel_eval_loss=loss, eval_clients=count)
+            eval_s = time.perf_counter() - eval_start
+        elif self._is_eval_round(server_round):
             eval_start = time.perf_counter()
             full_view = state.full_lora if end_of_stage else self.model.transfer(state.full_lora, state.sub_lora, plan)
-            result = self.model.evaluate_full(full_view)
+            result = self.model.evaluate_full(
+                full_view, {m: d.materialize() for m, d in state.base_delta.items()}
+            )
             evaluation["eval_loss"] = result.loss
             evaluation["eval_accuracy"] = result.accuracy
             evaluation["eval_family_accuracy"] = result.family_accuracy or None
@@ -448,6 +508,10 @@ class DevFTStrategy(Strategy):
 
     def _is_eval_round(self, server_round: int) -> bool:
         return server_round % self.fed.eval_every == 0 or server_round == self.schedule.total_rounds
+
+    def _eval_kind(self) -> str:
+        """What ``eval_loss`` means: the global model on the server, or the clients' personalised models."""
+        return "personalised-clients-mean" if self.rule.personalised else "global"
 
     def _train_metrics(self, updates: list[ClientUpdate]) -> MetricRecord:
         """Example-weighted mean training loss of the valid replies (what Flower's Result records)."""
@@ -506,7 +570,7 @@ class DevFTStrategy(Strategy):
     def _finish(self, rows: list[dict[str, Any]]) -> None:
         """Save the adapter and write summary.json."""
         state = self._require_state()
-        self.model.save_adapter(state.full_lora, self.run_dir.adapter)
+        self.model.save_adapter(state.full_lora, self.run_dir.adapter, state.base_delta)
         self.run_dir.write_summary(self._summary(rows))
 
     def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -529,6 +593,7 @@ class DevFTStrategy(Strategy):
             "label": self._label(),
             "method": self.fed.method,
             "aggregation": self.fed.aggregation,
+            "eval_kind": self._eval_kind(),
             "model": self.config.model.name,
             "seed": self.fed.seed,
             "config": config_to_dict(self.config),

@@ -135,3 +135,19 @@ def test_client_trains_with_the_run_lora_settings():
     reply = app(_message(config, plan.to_json(), lora), _context(0))
     assert all(v.shape == lora[k].shape for k, v in _arrays(reply).items())
     assert {v.shape[0] for k, v in _arrays(reply).items() if "lora_A" in k} == {2}
+
+
+def test_personal_state_is_kept_per_round_on_disk():
+    from client.runtime import load_personal, personal_dir, save_personal
+
+    b = {"m.lora_B.weight": torch.ones(3, 2)}
+    assert load_personal("run1", 0, 5) is None
+    for server_round in (1, 2, 4):
+        save_personal("run1", 0, server_round, {k: v * server_round for k, v in b.items()})
+    files = sorted(p.name for p in personal_dir("run1", 0).iterdir())
+    assert files == ["personal-r000002.safetensors", "personal-r000004.safetensors"]  # this round and the one before
+    assert torch.equal(load_personal("run1", 0, 5)["m.lora_B.weight"], 4 * torch.ones(3, 2))
+    assert torch.equal(load_personal("run1", 0, 4)["m.lora_B.weight"], 2 * torch.ones(3, 2))  # a repeated round 4
+    assert load_personal("run1", 1, 5) is None  # another partition
+    with pytest.raises(ValueError, match="client-state-key"):
+        personal_dir("../x", 0)

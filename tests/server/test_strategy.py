@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +321,243 @@ def test_query_round_needs_a_partition_id(private_env):
         context.node_config = {}
     with pytest.raises(RuntimeError, match="usable partition"):
         discover_partitions(grid, 2, 1, wait_s=0)
+
+
+# ---------------------------------------------------------------- aggregation rules in the Flower app
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every (request, reply) pair; ``fresh`` clears the client's per-process
+    caches before each call, as a deployment's fresh ClientApp process per message would."""
+
+    def __init__(self, client_app, num_nodes, fresh=False):
+        super().__init__(client_app, num_nodes)
+        self.fresh = fresh
+        self.pairs = []
+
+    def _call(self, message):
+        if self.fresh:
+            from client.runtime import clear_process_caches
+
+            clear_process_caches()
+        reply = super()._call(message)
+        self.pairs.append((message, reply))
+        return reply
+
+    def train_replies(self, server_round):
+        return [(self.node_pid(m), r) for m, r in self.pairs
+                if m.metadata.message_type == MessageType.TRAIN and int(m.metadata.group_id) == server_round]
+
+    def node_pid(self, message):
+        return int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
+
+
+SMOKE_PATH = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.toml"
+
+
+def _run_recorded(config, out, fresh=False, **kwargs):
+    from client.app import app as client_app
+    from server.app import run_server
+
+    grid = RecordingGrid(client_app, config.data.num_clients, fresh=fresh)
+    run_server(grid, config, out, **kwargs)
+    return grid
+
+
+def _train_bytes(grid, server_round):
+    return [len_ for m, _ in grid.pairs if m.metadata.message_type == MessageType.TRAIN
+            and int(m.metadata.group_id) == server_round for len_ in [sum(map(len, serialise(m)[1].values()))]]
+
+
+@pytest.fixture(scope="module")
+def fedit_baseline(private_env, tmp_path_factory):
+    """A 2-round FedIT run with FedIT aggregation (the byte reference of the base-delta rules)."""
+    from devft.config import load_config
+
+    config = load_config(SMOKE_PATH, {"federation.method": "fedit", "federation.num_rounds": 2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("fedit") / "run"
+        return _run_recorded(config, out), out
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rule_name", ["flora", "fedex"])
+def test_base_delta_rules_are_exact_carried_checkpointed_and_exported(
+    rule_name, smoke_config, private_env, one_thread, fedit_baseline, tmp_path
+):
+    from devft.aggregation import ServerState, get_rule, ideal_delta
+    from devft.data import build_federated_data
+    from devft.models import load_model
+    from devft.training import eval_loss
+
+    config = smoke_config(federation__method="fedit", federation__aggregation=rule_name, federation__num_rounds=2)
+    rule = get_rule(rule_name, alpha=config.lora.alpha)
+    out = tmp_path / "run"
+    after: dict[int, dict] = {}
+
+    def grab(row):
+        after[row["round"]] = load_checkpoint(out / "checkpoint")
+
+    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # fresh client process per message
+
+    # Exact: clients train on W0 + D_{t-1} (the base delta they were sent; FedEx-LoRA: plus Ā, B̄), so after
+    # round t the global effective ΔW must be D_{t-1} + Σ_k p_k s B_k A_k of their replies (independent formula).
+    previous = {}
+    for server_round in (1, 2):
+        replies = grid.train_replies(server_round)
+        assert len(replies) == 2
+        updates = [r.content["arrays"] for _, r in replies]
+        weights = [r.content["metrics"]["num-examples"] for _, r in replies]
+        ideal = ideal_delta(updates, weights, config.lora.alpha)
+        expected = {m: v + previous[m] if m in previous else v for m, v in ideal.items()}
+        ckpt = after[server_round]
+        previous = {m: d.materialize().double()
+                    for m, d in ServerState.from_tensors(ckpt["base_delta"]).base_delta.items()}
+        assert ckpt["base_delta"], "the checkpoint must carry the base delta"
+        state = ServerState.from_tensors({**ckpt["sub_lora"], **ckpt["base_delta"]})  # fedit: sub = full
+        got = rule.effective_delta(state)
+        assert got.keys() == expected.keys()
+        for module, value in expected.items():
+            torch.testing.assert_close(got[module], value, atol=2e-5, rtol=1e-4)
+
+    # Bytes: round 2's train messages carry the round-1 base delta on top of what FedIT sends (real payload).
+    base_bytes = sum(4 * v.numel() for v in after[1]["base_delta"].values())
+    base_arrays = len(after[1]["base_delta"])
+    ref_grid, _ = fedit_baseline
+    if rule_name == "fedex":  # round 1: no base delta yet, the same adapters as FedIT
+        assert _train_bytes(grid, 1) == _train_bytes(ref_grid, 1)
+    for ours, theirs in zip(_train_bytes(grid, 2), _train_bytes(ref_grid, 2)):
+        if rule_name == "fedex":  # adapters as FedIT + the base delta (+ per-array framing)
+            assert base_bytes <= ours - theirs <= base_bytes + 1024 * base_arrays
+        else:  # FLoRA sends no adapters, only the base delta
+            assert base_bytes <= ours <= base_bytes + 1024 * base_arrays + 8192 and ours > theirs
+    table = rows(out)
+    assert table[1]["bytes_down"] == sum(_train_bytes(grid, 2))
+
+    # The exported adapter is the effective model: same held-out loss as the server's final evaluation.
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] > config.lora.r and "base delta" in (out / "adapter" / "README.md").read_text()
+    base = load_model("tiny-llama")
+    model = PeftModel.from_pretrained(base.model, str(out / "adapter"))
+    test = build_federated_data(config.data).test
+    loss = eval_loss(model, base.tokenizer, test, config.eval.batch_size, config.data.max_length)
+    summary = json.loads((out / "summary.json").read_text())
+    assert loss == pytest.approx(summary["final"]["eval_loss"], rel=1e-4)
+
+    # Resume after round 1 (base delta from the checkpoint) ends with the same adapter.
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(row):
+        if row["round"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
+    _run_recorded(config, tmp_path / "killed", resume=True)
+    a, b = adapter(out), adapter(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, private_env, one_thread, monkeypatch, tmp_path):
+    import client.app as client_module
+    from client.runtime import personal_dir
+    from devft.aggregation import get_rule
+    from devft.aggregation.validation import normalized_weights
+
+    config = smoke_config(federation__method="fedit", federation__aggregation="fedsa", federation__num_rounds=2,
+                          federation__clients_per_round=4)
+    loaded: dict[tuple[int, int], dict] = {}
+    real_load = client_module.load_personal
+
+    def spy(key, pid, before_round):
+        found = real_load(key, pid, before_round)
+        if found is not None:
+            loaded[(pid, before_round)] = {k: v.clone() for k, v in found.items()}
+        return found
+
+    monkeypatch.setattr(client_module, "load_personal", spy)
+    out = tmp_path / "run"
+    saved_r1: dict[int, dict] = {}
+
+    def grab(row):
+        if row["round"] == 1:
+            key = load_checkpoint(out / "checkpoint")["client_state_key"]
+            for pid in range(4):
+                saved_r1[pid] = load_file(str(personal_dir(key, pid) / "personal-r000001.safetensors"))
+
+    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
+    key = load_checkpoint(out / "checkpoint")["client_state_key"]
+
+    # B never travels: uplink A only, downlink A only.
+    for m, r in grid.pairs:
+        if m.metadata.message_type == MessageType.TRAIN:
+            assert all(".lora_A." in k for k in r.content["arrays"].keys())
+            assert all(".lora_A." in k for k in m.content["arrays"].keys())
+    # Each client's B persisted on its disk across fresh processes: round 2 started from its own round-1 B.
+    for pid in range(4):
+        assert loaded[(pid, 2)].keys() == saved_r1[pid].keys()
+        assert all(torch.equal(loaded[(pid, 2)][k], saved_r1[pid][k]) for k in saved_r1[pid])
+    final_b = {pid: load_file(str(personal_dir(key, pid) / "personal-r000002.safetensors")) for pid in range(4)}
+    some_b = next(iter(final_b[0]))
+    assert all(final_b[p][some_b].abs().sum() > 0 for p in range(4))
+    assert not torch.equal(final_b[0][some_b], final_b[1][some_b])  # personalised: the clients' B differ
+    # A is the example-weighted average of the round-2 replies (hand formula).
+    replies = [r for _, r in grid.train_replies(2)]
+    p = normalized_weights([r.content["metrics"]["num-examples"] for r in replies], len(replies))
+    final = adapter(out)
+    for k in [k for k in final if ".lora_A." in k]:
+        avg = sum(pk * torch.from_numpy(r.content["arrays"][k].numpy()) for pk, r in zip(p, replies))
+        torch.testing.assert_close(final[k], avg, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(final[k], torch.from_numpy(replies[0].content["arrays"][k].numpy()))
+    assert all(not v.any() for k, v in final.items() if ".lora_B." in k)  # the server has no B
+    # The "global" evaluation is the mean held-out loss of the sampled clients' personalised models.
+    last = rows(out)[-1]
+    assert last["eval_kind"] == "personalised-clients-mean" and last["eval_clients"] == 4
+    assert math.isfinite(last["eval_loss"])
+    assert "personalised" in (out / "adapter" / "README.md").read_text()
+    get_rule("fedsa", alpha=1.0)  # the rule still resolves
+
+
+@pytest.mark.parametrize(
+    ("rule_name", "method", "match"),
+    [("flora", "progfed", "not supported"), ("fedex", "progfed", "not supported"), ("fedsa", "progfed", "stage plan"),
+     ("fedsa", "devft", "stage plan"), ("flora", "devft", "cannot be combined"), ("fedex", "devft", "cannot be combined")],
+)
+def test_rule_method_pairs_the_app_does_not_run_are_refused(smoke_config, private_env, rule_name, method, match):
+    from server.methods import method_rule
+
+    with pytest.raises(ValueError, match=match):
+        method_rule(smoke_config(federation__aggregation=rule_name, federation__method=method))
+
+
+def test_fedsa_resume_finds_the_clients_b_and_ends_where_an_uninterrupted_run_ends(
+    smoke_config, private_env, one_thread, tmp_path
+):
+    from client.runtime import personal_dir
+
+    config = smoke_config(federation__method="fedit", federation__aggregation="fedsa", federation__num_rounds=2,
+                          federation__clients_per_round=4, federation__eval_every=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(row):
+        if row["round"] == 1:
+            raise Killed
+
+    _run_recorded(config, tmp_path / "full")
+    with pytest.raises(Killed):
+        _run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
+    _run_recorded(config, tmp_path / "killed", resume=True, fresh=True)
+    a, b = adapter(tmp_path / "full"), adapter(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # Ā
+    keys = [load_checkpoint(tmp_path / run / "checkpoint")["client_state_key"] for run in ("full", "killed")]
+    assert keys[0] != keys[1]  # one key per run, kept across the resume
+    for pid in range(4):
+        full_b, resumed_b = (load_file(str(personal_dir(k, pid) / "personal-r000002.safetensors")) for k in keys)
+        assert all(torch.equal(full_b[k], resumed_b[k]) for k in full_b)
+    assert rows(tmp_path / "full")[-1]["eval_loss"] == rows(tmp_path / "killed")[-1]["eval_loss"]
