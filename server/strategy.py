@@ -190,6 +190,20 @@ class DevFTStrategy(Strategy):
             self.fed.seed,
         )
 
+    def _messages(
+        self, arrays: ArrayRecord, record: ConfigRecord, partitions: list[int], message_type: str, server_round: int
+    ) -> list[Message]:
+        """One message per sampled partition, addressed to the node that holds it."""
+        return [
+            Message(
+                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
+                dst_node_id=self.partition_to_node[pid],
+                message_type=message_type,
+                group_id=str(server_round),
+            )
+            for pid in partitions
+        ]
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """One message per sampled client: ``arrays`` (the submodel LoRA) and ``config`` + run config + plan."""
         state = self._require_state()
@@ -208,15 +222,7 @@ class DevFTStrategy(Strategy):
                 "client-state-key": state.client_state_key,
             }
         )
-        messages = [
-            Message(
-                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
-                dst_node_id=self.partition_to_node[pid],
-                message_type=MessageType.TRAIN,
-                group_id=str(server_round),
-            )
-            for pid in sampled
-        ]
+        messages = self._messages(arrays, record, sampled, MessageType.TRAIN, server_round)
         self._round.sampled = sampled
         self._round.bytes_down += sum(wire_bytes(m) for m in messages)
         return messages
@@ -289,15 +295,7 @@ class DevFTStrategy(Strategy):
             {**self.flat_config, **dict(config), "server-round": server_round, "plan": state.stage.plan.to_json(),
              "eval-split": split, "client-state-key": state.client_state_key}
         )
-        messages = [
-            Message(
-                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
-                dst_node_id=self.partition_to_node[pid],
-                message_type=MessageType.EVALUATE,
-                group_id=str(server_round),
-            )
-            for pid in self._round.sampled
-        ]
+        messages = self._messages(arrays, record, self._round.sampled, MessageType.EVALUATE, server_round)
         self._round.bytes_down += sum(wire_bytes(m) for m in messages)
         return messages
 
