@@ -23,9 +23,6 @@ import math
 import warnings
 from collections.abc import Sequence
 
-import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-
 from devft.data.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -63,6 +60,10 @@ def partition_indices(
             f"num_clients={num_clients} is more than the {len(examples)} examples to partition: "
             "every client needs at least one example"
         )
+    # Imported here: `datasets` and flwr-datasets cost ~3 s of start-up in every client process.
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     families = _families(examples)
     dataset = datasets.Dataset.from_dict(
         {"family": [e["family"] for e in examples], _INDEX: list(range(len(examples)))}
