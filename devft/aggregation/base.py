@@ -256,7 +256,8 @@ class AggregationRule:
         return new
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
-        raise NotImplementedError
+        """The rule itself: every rule (fedit.py, ffa.py, …) overrides this; the base class is not a rule."""
+        raise TypeError(f"{type(self).__name__} is not an aggregation rule: it does not define _aggregate")
 
     def _average(self, updates: Sequence[Update], p: Sequence[float], keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """``Σ p_k x_k`` of ``keys`` with the fused kernel (fp32 accumulation, NaN/Inf named per client)."""
