@@ -24,6 +24,7 @@ from devft.training.settings import EvalSettings, TrainSettings
 
 METHODS = ("devft", "fedit", "progfed")
 WIRE_DTYPES = ("float32", "float16")
+WIRE_FORMATS = ("packed", "arrays")  # devft.aggregation.packed.WIRE_FORMATS (config stays torch-free to import)
 FAULT_MODES = ("raise", "nan", "shape", "keys", "no-examples")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -63,6 +64,11 @@ class FederationSettings:
         default=False, metadata={"help": "Also evaluate the submodel LoRA on the sampled clients' data each eval round."}
     )
     wire_dtype: str = field(default="float32", metadata={"help": "dtype of LoRA arrays on the wire: float32 or float16."})
+    wire_format: str = field(
+        default="packed",
+        metadata={"help": "LoRA payload layout: packed (one array per dtype + a manifest; fastest to aggregate) or "
+                  "arrays (one Flower array per tensor, as ArrayRecord(state_dict) makes)."},
+    )
     reply_timeout_s: float = field(default=3600.0, metadata={"help": "Seconds a round waits for client replies (> 0)."})
     fault_injection: str = field(
         default="",
@@ -90,6 +96,9 @@ class FederationSettings:
             raise ValueError(f"federation.client_gpus must be >= 0, got client_gpus={self.client_gpus!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"federation.wire_dtype must be one of {WIRE_DTYPES}, got wire_dtype={self.wire_dtype!r}")
+        if self.wire_format not in WIRE_FORMATS:
+            raise ValueError(
+                f"federation.wire_format must be one of {WIRE_FORMATS}, got wire_format={self.wire_format!r}")
         if not self.reply_timeout_s > 0:
             raise ValueError(f"federation.reply_timeout_s must be > 0, got reply_timeout_s={self.reply_timeout_s!r}")
         self.faults()  # validates fault_injection

@@ -1,7 +1,8 @@
 """Turn train replies into validated client updates, or into recorded failures.
 
 A reply is accepted only if it carries no error, exactly the LoRA keys the aggregation rule expects with the
-expected shapes, a wire dtype (float32 / float16), finite values, and a MetricRecord with a positive
+expected shapes (in either wire format: one array per tensor or packed), a wire dtype (float32 / float16),
+finite values, and a MetricRecord with a positive
 integer ``num-examples``. Anything else raises :class:`InvalidReply` inside :func:`parse_train_reply` and
 is recorded as a failure of that client: it never reaches the global model.
 """
@@ -13,11 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Message
 
 from devft.aggregation import InvalidUpdateError, validate_updates
+from devft.aggregation.sources import UnsupportedArrayError, as_source
 
-WIRE_DTYPES = ("float32", "float16")
+WIRE_DTYPES = (torch.float32, torch.float16)
 
 
 class InvalidReply(ValueError):
@@ -70,9 +73,15 @@ def parse_train_reply(
     if num_examples <= 0 or int(num_examples) != num_examples:
         raise InvalidReply(f"metric num-examples must be a positive integer, got {num_examples!r}")
     record = next(iter(content.array_records.values()))
-    for key, array in record.items():
-        if array.dtype not in WIRE_DTYPES:
-            raise InvalidReply(f"{key} has dtype {array.dtype}, expected one of {WIRE_DTYPES}")
+    try:  # either wire format (one array per tensor, or packed); read in place, never deserialised
+        source = as_source(record)
+        for key in source.keys():
+            dtype = source.meta(key)[0]
+            if dtype not in WIRE_DTYPES:
+                raise InvalidReply(f"{key} has dtype {str(dtype).removeprefix('torch.')}, expected one of "
+                                   f"{[str(d).removeprefix('torch.') for d in WIRE_DTYPES]}")
+    except (UnsupportedArrayError, TypeError) as err:
+        raise InvalidReply(f"unreadable arrays: {err}") from err
     try:
         validate_updates([record], [num_examples], expected=expected, rank_free=rank_free, check_finite=True)
     except InvalidUpdateError as err:

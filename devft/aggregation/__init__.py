@@ -15,10 +15,12 @@ from devft.aggregation.base import (
 from devft.aggregation.compat import METHODS, check_compatible, compatible_rules
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
 from devft.aggregation.kernels import available_backends, client_sq_norms, weighted_sum, weighted_sum_many
+from devft.aggregation.packed import WIRE_FORMATS, is_packed, pack_arrayrecord, packed_nbytes, wire_record
 from devft.aggregation.records import (
     aggregate_arrayrecords,
     npy_nbytes,
     payload_nbytes,
+    record_state,
     record_tensors,
     to_arrayrecord,
 )
@@ -27,6 +29,7 @@ from devft.aggregation.validation import normalized_weights, validate_updates
 
 __all__ = [
     "METHODS",
+    "WIRE_FORMATS",
     "RULES",
     "AggregationRule",
     "BaseDelta",
@@ -39,12 +42,16 @@ __all__ = [
     "client_sq_norms",
     "compatible_rules",
     "get_rule",
+    "is_packed",
     "ideal_delta",
     "lora_modules",
     "lora_part",
     "normalized_weights",
+    "pack_arrayrecord",
+    "packed_nbytes",
     "npy_nbytes",
     "payload_nbytes",
+    "record_state",
     "record_tensors",
     "split_downlink",
     "to_arrayrecord",
@@ -53,4 +60,5 @@ __all__ = [
     "weighted_sum_many",
     "weighted_sum_many_reference",
     "weighted_sum_reference",
+    "wire_record",
 ]

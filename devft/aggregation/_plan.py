@@ -12,14 +12,19 @@ from typing import Any
 import torch
 
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
+from devft.aggregation.packed import PackedSource
 from devft.aggregation.sources import FLOAT_DTYPES, ITEMSIZE, NpyLayout, RecordSource, Source
 
 
 @dataclass
 class Group:
     """The keys of one dtype, laid out back to back in one flat output buffer (element offsets), and each
-    client's element buffers for them (aligned with ``keys``): byte views or addresses for records, flat
-    tensors otherwise."""
+    client's element buffers for them.
+
+    The buffers are per *run*: ``runs`` are the element counts of consecutive stretches of the flat output
+    that lie back to back in every client's payload (one run per key, except for packed payloads, where a
+    whole payload is typically one run). ``elements[c][j]`` is client ``c``'s run ``j``: a byte view or an
+    address for Flower records, a flat tensor otherwise."""
 
     dtype: torch.dtype
     keys: list[str] = field(default_factory=list)
@@ -28,6 +33,7 @@ class Group:
     offsets: list[int] = field(default_factory=list)
     layouts: list[NpyLayout] = field(default_factory=list)
     elements: list[list[Any]] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)
     total: int = 0
 
     def add(self, key: str, shape: tuple[int, ...], layout: NpyLayout) -> None:
@@ -37,6 +43,7 @@ class Group:
         self.numels.append(n)
         self.offsets.append(self.total)
         self.layouts.append(layout)
+        self.runs.append(n)
         self.total += n
 
     @property
@@ -81,6 +88,10 @@ def plan_groups(
     if len(sources) == 0:
         raise ValueError("weighted sum needs at least one update, got 0")
     ref = sources[0]
+    if isinstance(ref, PackedSource) and all(
+        isinstance(s, PackedSource) and s.manifest.raw == ref.manifest.raw for s in sources
+    ):
+        return _plan_packed(sources, keys), torch.device("cpu")
     keys = list(ref.keys()) if keys is None else list(keys)
     groups: dict[torch.dtype, Group] = {}
     device = torch.device("cpu")
@@ -106,6 +117,24 @@ def plan_groups(
             else:
                 group.elements.append(src.elements(group.keys, metas, c, device))
     return list(groups.values()), device
+
+
+def _plan_packed(sources: Sequence[Any], keys: Sequence[str] | None) -> list[Group]:
+    """Groups for packed payloads with one manifest: the requested keys of each dtype cut into the runs that
+    lie back to back in the packed arrays (checked once, on the shared manifest), one view per run and client."""
+    manifest = sources[0].manifest
+    groups: dict[torch.dtype, Group] = {}
+    for key in manifest.keys if keys is None else keys:
+        i = manifest.index.get(key)
+        if i is None:
+            raise InvalidUpdateError("missing", client=0, key=key)
+        dtype, shape = manifest.dtypes[i], manifest.shapes[i]
+        groups.setdefault(dtype, Group(dtype)).add(key, shape, NpyLayout.make(dtype, shape, 0, False, b""))
+    for group in groups.values():
+        runs = manifest.runs(group.keys)
+        group.runs = [n for _, n in runs]
+        group.elements = [src.run_views(group.dtype, runs) for src in sources]
+    return list(groups.values())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

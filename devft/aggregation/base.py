@@ -29,8 +29,9 @@ from typing import Any, ClassVar
 import torch
 
 from devft.aggregation.kernels import weighted_sum_many
+from devft.aggregation.packed import packed_nbytes
 from devft.aggregation.records import payload_nbytes
-from devft.aggregation.sources import as_source
+from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import InvalidUpdateError, normalized_weights, validate_updates
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def ideal_delta(updates: Sequence[Update], weights: Sequence[float], alpha: floa
     """``{module: Σ_k p_k s_k B_k A_k}`` (fp64): the average of the clients' updates that an exact rule
     reproduces (``s_k = alpha / r_k``). Independent of every rule's code; for tests and diagnostics."""
     p = normalized_weights(weights, len(updates))
-    sources = [as_source(u) for u in updates]
+    sources = as_sources(updates)
     out: dict[str, torch.Tensor] = {}
     for module, (ka, kb) in lora_modules(sources[0].keys()).items():
         total = None
@@ -296,10 +297,14 @@ class AggregationRule:
         return out
 
     def payload_bytes(self, state: ServerState, client_lora: Mapping[str, torch.Tensor] | None = None,
-                      *, full: bool = False, rank: int | None = None) -> tuple[int, int]:
-        """``(up, down)`` bytes per client this round, as Flower counts the serialised records."""
-        up = payload_nbytes(self.client_payload(client_lora if client_lora is not None else state.lora))
-        down = payload_nbytes(self.downlink(state, full=full, rank=rank))
+                      *, full: bool = False, rank: int | None = None, wire_format: str = "arrays") -> tuple[int, int]:
+        """``(up, down)`` bytes per client this round, as Flower counts the serialised records in
+        ``wire_format`` (``arrays``: one array per tensor; ``packed``: :mod:`devft.aggregation.packed`)."""
+        count = {"arrays": payload_nbytes, "packed": packed_nbytes}.get(wire_format)
+        if count is None:
+            raise ValueError(f"unknown wire_format={wire_format!r}; choose 'arrays' or 'packed'")
+        up = count(self.client_payload(client_lora if client_lora is not None else state.lora))
+        down = count(self.downlink(state, full=full, rank=rank))
         return up, down
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from devft.aggregation.base import AggregationRule, BaseDelta, ServerState, Update, lora_modules, register
-from devft.aggregation.sources import as_source
+from devft.aggregation.sources import as_sources
 
 
 @register
@@ -32,7 +32,7 @@ class FedEx(AggregationRule):
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
         keys = self.upload_keys(state.lora)
         avg = self._average(updates, p, keys)  # validates values (NaN/Inf) on the way
-        sources = [as_source(u) for u in updates]
+        sources = as_sources(updates)
         deltas = dict(state.base_delta)
         for module, (ka, kb) in lora_modules(keys).items():
             a_bar, b_bar = avg[ka].float(), avg[kb].float()

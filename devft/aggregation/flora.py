@@ -29,7 +29,7 @@ from devft.aggregation.base import (
     lora_part,
     register,
 )
-from devft.aggregation.sources import as_source
+from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
 
 
@@ -57,7 +57,7 @@ class FLoRA(AggregationRule):
         return state
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
-        sources = [as_source(u) for u in updates]
+        sources = as_sources(updates)
         deltas = dict(state.base_delta)
         for module, (ka, kb) in lora_modules(self.upload_keys(state.lora)).items():
             a_parts, b_parts = [], []

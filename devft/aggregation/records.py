@@ -22,6 +22,7 @@ import torch
 
 from devft.aggregation.kernels import resolve_backend, weighted_sum_many
 from devft.aggregation.kernels.torch_blocked import weighted_sum_flat_torch
+from devft.aggregation.packed import is_packed, pack_arrayrecord, pack_flats
 from devft.aggregation.sources import NPY_STYPE, as_source
 from devft.aggregation.validation import normalized_weights
 
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
+                 torch.uint8: np.uint8}
 _DTYPE_NAMES = {t: np.dtype(n).name for t, n in _NUMPY_DTYPES.items()}  # "float32": numpy's .name is slow
 _DTYPE_STRS = {t: np.dtype(n).str for t, n in _NUMPY_DTYPES.items()}  # "<f4"
 
@@ -42,6 +44,11 @@ def record_tensors(record: Any) -> dict[str, torch.Tensor]:
     """
     src = as_source(record)
     return {key: src.tensor(key) for key in src.keys()}
+
+
+def record_state(record: Any, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Writable ``dtype`` copies of a record's tensors (either wire format), keyed like the record."""
+    return {key: t.to(dtype=dtype, copy=True) for key, t in record_tensors(record).items()}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,17 +103,25 @@ def to_arrayrecord(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
     One copy per tensor (header and elements joined once); bfloat16 is refused as Flower refuses it.
     """
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import ArrayRecord
 
     record = ArrayRecord()  # filled item by item: ArrayRecord(dict) would rebuild every Array once more
     for key, t in tensors.items():
-        _numpy_dtype(t.dtype, key)  # refuses bfloat16
-        arr = t.detach().cpu().contiguous().numpy()
-        shape = tuple(int(s) for s in arr.shape)
-        header = _npy_header(_DTYPE_STRS[t.dtype], shape)
-        data = b"".join([header, memoryview(arr).cast("B")]) if arr.size else header
-        record[key] = Array(dtype=_DTYPE_NAMES[t.dtype], shape=shape, stype=NPY_STYPE, data=data)
+        record[key] = npy_bytes(t, key)
     return record
+
+
+def npy_bytes(t: torch.Tensor, key: str = "?") -> Any:
+    """One Flower ``Array`` of ``t`` (a CPU copy): header and elements joined once, the bytes ``np.save``
+    writes. bfloat16 is refused as Flower refuses it."""
+    from flwr.app import Array
+
+    _numpy_dtype(t.dtype, key)  # refuses bfloat16
+    arr = t.detach().cpu().contiguous().numpy()
+    shape = tuple(int(s) for s in arr.shape)
+    header = _npy_header(_DTYPE_STRS[t.dtype], shape)
+    data = b"".join([header, memoryview(arr).cast("B")]) if arr.size else header
+    return Array(dtype=_DTYPE_NAMES[t.dtype], shape=shape, stype=NPY_STYPE, data=data)
 
 
 def aggregate_arrayrecords(
@@ -121,7 +136,8 @@ def aggregate_arrayrecords(
 ) -> ArrayRecord:
     """Weighted mean of Flower records, ``Σ_k (w_k / Σ w) · record_k``: a drop-in for Flower's
     ``aggregate_arrayrecords`` (which takes the weights from each reply's MetricRecord) that reads the
-    received bytes in place, accumulates in fp32 in one pass, and checks for NaN/Inf on the way.
+    received bytes in place, accumulates in fp32 in one pass, and checks for NaN/Inf on the way. Records in
+    the packed format (:mod:`devft.aggregation.packed`) give a packed record, others one array per key.
 
     Weights must be positive and finite (e.g. num-examples); raises
     :class:`~devft.aggregation.errors.InvalidUpdateError` naming the offending client otherwise.
@@ -130,10 +146,14 @@ def aggregate_arrayrecords(
     if resolve_backend(backend, torch.device("cpu")) != "torch":
         out = weighted_sum_many(records, p, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
                                 backend=backend)
-        return to_arrayrecord(out)
+        return pack_arrayrecord(out) if is_packed(records[0]) else to_arrayrecord(out)
     flats = weighted_sum_flat_torch(records, p, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
                                     threads=threads)
-    return _record_from_flats(flats, list(keys) if keys is not None else list(as_source(records[0]).keys()))
+    first = as_source(records[0])
+    order = list(keys) if keys is not None else first.keys()
+    if is_packed(records[0]):
+        return pack_flats(flats, order, first.manifest)
+    return _record_from_flats(flats, order)
 
 
 def _record_from_flats(flats: list, order: list[str]) -> ArrayRecord:

@@ -14,7 +14,7 @@ import torch
 
 from devft.aggregation._plan import check_weights, compute_dtype
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
-from devft.aggregation.sources import as_source
+from devft.aggregation.sources import as_sources
 
 
 def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def weighted_sum_many_reference(
     (fp64 for fp64 inputs); results have the input's dtype unless ``out_dtype`` is given. With
     ``check_finite`` a NaN/Inf in any input raises :class:`NonFiniteUpdateError` naming client and key.
     """
-    sources = [as_source(u) for u in updates]
+    sources = as_sources(updates)
     w = check_weights(weights, len(sources))
     keys = list(sources[0].keys()) if keys is None else list(keys)
     tensors = []

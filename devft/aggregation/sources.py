@@ -264,12 +264,15 @@ class RecordSource:
         return out
 
 
-Source = TensorSource | RecordSource
+Source = Any  # TensorSource | RecordSource | devft.aggregation.packed.PackedSource
 
 
 def as_source(update: Any) -> Source:
-    """Wrap an update: a mapping of tensors, or a record whose values carry ``.npy`` bytes in ``.data``."""
-    if isinstance(update, (TensorSource, RecordSource)):
+    """Wrap an update: a mapping of tensors, a record whose values carry ``.npy`` bytes in ``.data``, or a
+    record in devft's packed format (:mod:`devft.aggregation.packed`)."""
+    from devft.aggregation.packed import MANIFEST_KEY, PackedSource  # packed builds on this module
+
+    if isinstance(update, (TensorSource, RecordSource, PackedSource)):
         return update
     if not isinstance(update, Mapping) and not hasattr(update, "items"):
         raise TypeError(f"an update must be a mapping of tensors or a Flower ArrayRecord, got {type(update).__name__}")
@@ -277,7 +280,19 @@ def as_source(update: Any) -> Source:
     if first is None or isinstance(first, torch.Tensor):
         return TensorSource(update)
     if hasattr(first, "data") and hasattr(first, "stype"):
-        return RecordSource(update)
+        return PackedSource(update) if MANIFEST_KEY in update else RecordSource(update)
     raise TypeError(
         f"update values must be torch tensors or Flower Arrays, got {type(first).__name__}"
     )
+
+
+def as_sources(updates: Any) -> list[Source]:
+    """:func:`as_source` of each client's update; a malformed one raises
+    :class:`~devft.aggregation.errors.InvalidUpdateError` naming the client."""
+    out = []
+    for client, update in enumerate(updates):
+        try:
+            out.append(as_source(update))
+        except UnsupportedArrayError as err:
+            raise InvalidUpdateError(str(err), client=client) from err
+    return out

@@ -21,7 +21,7 @@ import math
 import torch
 
 from devft.aggregation.base import AggregationRule, ServerState, Update, lora_modules, lora_part, register
-from devft.aggregation.sources import as_source
+from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
 
 
@@ -54,7 +54,7 @@ class SVD(AggregationRule):
         self.rank = rank
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
-        sources = [as_source(u) for u in updates]
+        sources = as_sources(updates)
         lora = dict(state.lora)
         tails: list[float] = []
         for ka, kb in lora_modules(self.upload_keys(state.lora)).values():

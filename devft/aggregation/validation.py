@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
-from devft.aggregation.sources import FLOAT_DTYPES, as_source
+from devft.aggregation.sources import FLOAT_DTYPES, as_sources
 
 __all__ = ["InvalidUpdateError", "NonFiniteUpdateError", "normalized_weights", "validate_updates"]
 
@@ -63,7 +63,7 @@ def validate_updates(
         raise InvalidUpdateError("no updates to aggregate (0 replies)")
     if weights is not None:
         normalized_weights(weights, len(updates))
-    sources = [as_source(u) for u in updates]
+    sources = as_sources(updates)
     if expected is None:
         ref = sources[0]
         expected = {k: ref.meta(k)[1] for k in ref.keys()}

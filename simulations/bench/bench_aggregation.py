@@ -5,20 +5,28 @@ Launch (what docs/benchmarks.md reports):
     python simulations/bench/bench_aggregation.py --threads 1
 
 Inputs are realistic: the LoRA state of SmolLM2-135M (peft keys and shapes of the real model, all seven
-projections of its 30 layers) at ranks 8 and 32, for 8, 32 and 128 clients, each client one Flower
-``ArrayRecord`` with its own bytes. In one run, per case, interleaved repeats time:
+projections of its 30 layers) at ranks 8 and 32, for 8, 32 and 128 clients, each client with its own bytes,
+in both wire formats: Flower's usual one array per tensor (``ArrayRecord(state_dict)``, 420 arrays a client)
+and devft's packed format (``devft.aggregation.packed``: one array per dtype plus a manifest; what devft's
+clients send by default). In one run, per case, interleaved repeats time:
 
-- ``flower``: ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` (replies as RecordDicts),
-- ``ours``: ``devft.aggregation.aggregate_arrayrecords`` (records in, record out; validation, NaN/Inf check
-  and output serialisation included),
+- ``flower``: ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` (replies as RecordDicts) on
+  the one-array-per-tensor payload: what a Flower app does by default;
+- ``flower_packed``: the same Flower function on the packed payload's data array (the manifest left out):
+  what packing alone gives Flower;
+- ``ours``: ``devft.aggregation.aggregate_arrayrecords`` on the packed payload (records in, record out;
+  header checks, NaN/Inf check and output serialisation included): devft's server path;
+- ``ours_arrays``: the same function on the one-array-per-tensor payload;
 - ``copy``: a plain ``copy_`` of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
   bandwidth does not depend on size past the caches) with the same number of threads;
 - ``gather``: for information, a copy of the received arrays' bytes themselves into one buffer, one
   memoryview assignment per array (the least any Python code touching every received array pays).
 
 Each case prints one line ending ``speedup_vs_flower=<x> bandwidth_fraction=<y>``, where
-``bandwidth_fraction = (input bytes / ours_s) / (copied bytes / copy_s)``: both count each input byte once
-(a copy also writes every byte, so a weighted sum, which writes 1/N of them, can exceed 1).
+``speedup_vs_flower = flower_s / ours_s`` (each side with its own default payload; ``speedup_same_payload``
+= ``flower_packed_s / ours_s`` and ``arrays_speedup_vs_flower`` = ``flower_s / ours_arrays_s`` are printed
+too) and ``bandwidth_fraction = (input bytes / ours_s) / (copied bytes / copy_s)``: both count each input
+byte once (a copy also writes every byte, so a weighted sum, which writes 1/N of them, can exceed 1).
 
 With a CUDA GPU and Triton (or ``--device cpu`` under ``TRITON_INTERPRET=1`` to exercise the code path), it
 also prints, per case, the Triton kernel against the torch backend on the same device tensors and against the
@@ -53,17 +61,22 @@ def smollm2_lora_shapes(rank: int, layers: int | None) -> dict[str, tuple[int, .
     return shapes
 
 
-def build_records(shapes: dict[str, tuple[int, ...]], clients: int, seed: int = 0) -> list:
-    """One ArrayRecord per client, each with its own bytes (client k = base · (1 + k/1000))."""
+def build_records(shapes: dict[str, tuple[int, ...]], clients: int, seed: int = 0) -> tuple[list, list]:
+    """Per client (client k = base · (1 + k/1000), each with its own bytes): the one-array-per-tensor
+    ArrayRecord Flower builds from a state dict, and the packed ArrayRecord of the same tensors."""
     from flwr.app import Array, ArrayRecord
+
+    from devft.aggregation.packed import pack_arrayrecord
 
     g = torch.Generator().manual_seed(seed)
     base = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
-    records = []
+    arrays, packed = [], []
     for c in range(clients):
         factor = 1.0 + c / 1000.0
-        records.append(ArrayRecord({k: Array((v * factor).numpy()) for k, v in base.items()}))
-    return records
+        state = {k: v * factor for k, v in base.items()}
+        arrays.append(ArrayRecord({k: Array(v.numpy()) for k, v in state.items()}))
+        packed.append(pack_arrayrecord(state))
+    return arrays, packed
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
@@ -76,16 +89,22 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
     return time.perf_counter() - start
 
 
-def bench_cpu_case(records: list, rank: int, repeats: int, flower_repeats: int) -> dict[str, float]:
-    from flwr.app import MetricRecord, RecordDict
+def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_repeats: int) -> dict[str, float]:
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
-    from devft.aggregation import aggregate_arrayrecords
+    from devft.aggregation import aggregate_arrayrecords, record_tensors
+    from devft.aggregation.packed import MANIFEST_KEY
 
     clients = len(records)
-    nbytes = sum(len(a.data) for a in records[0].values()) * clients
+    nbytes = sum(len(a.data) for a in packed[0].values()) * clients
     counts = [100 + 7 * c for c in range(clients)]
     replies = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})}) for r, n in zip(records, counts)]
+    packed_replies = [
+        RecordDict({"arrays": ArrayRecord({k: a for k, a in r.items() if k != MANIFEST_KEY}),
+                    "metrics": MetricRecord({"num-examples": n})})
+        for r, n in zip(packed, counts)
+    ]
     copy_elems = min(nbytes, 1 << 30) // 4
     src = torch.rand(copy_elems)
     dst = torch.empty_like(src)
@@ -108,8 +127,10 @@ def bench_cpu_case(records: list, rank: int, repeats: int, flower_repeats: int) 
             offset += len(mv)
 
     gather()
-    ours_out = aggregate_arrayrecords(records, counts)  # warm-up (and the result checked below)
-    times: dict[str, list[float]] = {"copy": [], "ours": [], "flower": [], "gather": []}
+    ours_out = record_tensors(aggregate_arrayrecords(packed, counts))  # warm-up (and the result checked below)
+    aggregate_arrayrecords(records, counts)
+    times: dict[str, list[float]] = {"copy": [], "ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
+                                     "gather": []}
     cpu: dict[str, list[float]] = {"copy": [], "ours": [], "flower": []}
     flower_out = None
 
@@ -123,24 +144,30 @@ def bench_cpu_case(records: list, rank: int, repeats: int, flower_repeats: int) 
 
     for rep in range(repeats):
         run("copy", lambda: dst.copy_(src))
-        run("ours", lambda: aggregate_arrayrecords(records, counts))
+        run("ours", lambda: aggregate_arrayrecords(packed, counts))
+        run("ours_arrays", lambda: aggregate_arrayrecords(records, counts))
         run("gather", gather)
         if rep < flower_repeats:
             flower_out = run("flower", lambda: flower_aggregate(replies, "num-examples"))
-    worst = 0.0
+            run("flower_packed", lambda: flower_aggregate(packed_replies, "num-examples"))
+    worst, scale = 0.0, 0.0
     for key in list(flower_out)[:: max(1, len(flower_out) // 20)]:
-        a = torch.from_numpy(ours_out[key].numpy())
         b = torch.from_numpy(flower_out[key].numpy())
-        worst = max(worst, float((a - b).abs().max()))
+        worst = max(worst, float((ours_out[key] - b).abs().max()))
+        scale = max(scale, float(b.abs().max()))
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     copy_bps = copy_elems * 4 / med["copy"]
     ours_bps = nbytes / med["ours"]
     return {
         "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
-        "flower_s": med["flower"], "ours_s": med["ours"], "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
+        "flower_s": med["flower"], "flower_packed_s": med["flower_packed"], "ours_arrays_s": med["ours_arrays"],
+        "ours_s": med["ours"], "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
         "ours_gbps": ours_bps / 1e9, "copy_gbps": copy_bps / 1e9, "gather_gbps": gather_bytes / med["gather"] / 1e9,
-        "max_abs_diff_vs_flower": worst,
+        "max_rel_diff_vs_flower": worst / scale if scale else worst,
+        "speedup_same_payload": med["flower_packed"] / med["ours"],
+        "arrays_speedup_vs_flower": med["flower"] / med["ours_arrays"],
+        "arrays_bandwidth_fraction": (nbytes / med["ours_arrays"]) / copy_bps,
         # the same ratios from process CPU time (less sensitive to other processes on a shared machine)
         "cpu_speedup": med_cpu["flower"] / med_cpu["ours"],
         "cpu_fraction": (nbytes / med_cpu["ours"]) / (copy_elems * 4 / med_cpu["copy"]),
@@ -213,23 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
     rows: list[dict] = []
-    keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "ours_s", "ours_gbps", "copy_gbps",
-            "gather_gbps", "max_abs_diff_vs_flower", "cpu_speedup", "cpu_fraction", "speedup_vs_flower",
-            "bandwidth_fraction"]
+    keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
+            "ours_s", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
+            "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
+            "speedup_vs_flower", "bandwidth_fraction"]
     gpu_keys = ["clients", "rank", "total_gb", "triton_s", "triton_checked_s", "torch_s", "triton_gbps",
                 "dcopy_gbps", "max_abs_diff_vs_torch", "triton_vs_torch", "bandwidth_fraction"]
     for rank in args.ranks:
         shapes = smollm2_lora_shapes(rank, args.layers)
         for clients in args.clients:
-            records = build_records(shapes, clients)
-            row = bench_cpu_case(records, rank, args.repeats, min(args.flower_repeats, args.repeats))
+            records, packed = build_records(shapes, clients)
+            row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats))
             rows.append({"kind": "cpu", **row})
             print(fmt(row, keys), flush=True)
             if run_device:
                 drow = bench_device_case(records, rank, args.repeats, device)
                 rows.append({"kind": "device", "device": str(device), **drow})
                 print("gpu " + fmt(drow, gpu_keys), flush=True)
-            del records
+            del records, packed
             gc.collect()
     print(f"# loadavg at end {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:

@@ -22,7 +22,7 @@ import torch
 
 from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weighted_sum_many_torch
 from devft.aggregation.reference import weighted_sum_many_reference, weighted_sum_reference
-from devft.aggregation.sources import RecordSource, as_source
+from devft.aggregation.sources import as_source, as_sources
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -78,10 +78,10 @@ def _first_device(updates: Sequence[Any]) -> torch.device:
 def _needs_grad(updates: Sequence[Any]) -> bool:
     if not torch.is_grad_enabled():
         return False
-    for u in updates:
-        if isinstance(as_source(u), RecordSource):
+    for src in as_sources(updates):
+        if src.kind != "tensors":  # records are never differentiable
             continue
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in u.values()):
+        if any(src.tensor(k).requires_grad for k in src.keys()):
             return True
     return False
 
@@ -110,6 +110,7 @@ def weighted_sum_many(
     """
     if len(updates) == 0:
         raise ValueError("weighted sum needs at least one update, got 0")
+    updates = as_sources(updates)  # a malformed record raises here, naming its client
     kwargs: dict[str, Any] = dict(keys=keys, clip_norm=clip_norm, check_finite=check_finite, out_dtype=out_dtype)
     if _needs_grad(updates):
         return weighted_sum_many_reference(updates, weights, **kwargs)

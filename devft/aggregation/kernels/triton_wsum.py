@@ -41,7 +41,7 @@ from devft.aggregation._plan import (
     split_output,
 )
 from devft.aggregation.errors import NonFiniteUpdateError
-from devft.aggregation.sources import RecordSource, TensorSource, as_source
+from devft.aggregation.sources import TensorSource, as_sources
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ def weighted_sum_many_triton(
     if block <= 0 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got block={block}")
     with gc_paused():
-        sources = [as_source(u) for u in updates]
+        sources = as_sources(updates)
         # kernels need real tensors with addresses: views of records, contiguous tensors
-        sources = [TensorSource({k: s.tensor(k) for k in s.keys()}) if isinstance(s, RecordSource) else s
+        sources = [TensorSource({k: s.tensor(k) for k in s.keys()}) if s.kind != "tensors" else s
                    for s in sources]
         w = check_weights(weights, len(sources))
         groups, device = plan_groups(sources, keys)

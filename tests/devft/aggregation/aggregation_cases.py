@@ -51,6 +51,8 @@ CASES = {
     "single_client": (1, [(64, 8), (8, 64)]),
     "many_tiny_tensors": (7, [(1 + i % 3,) if i % 2 else (2, 1 + i % 4) for i in range(300)]),
     "lora_like": (3, [(4, 24), (24, 4), (4, 40), (8, 4)]),
+    # runs long enough for the torch backend to accumulate in place rather than stage (ACCUMULATE_MIN_RUN)
+    "long_runs": (3, [(300, 701), (5,), (140001,)]),
 }
 
 

@@ -20,6 +20,7 @@ from devft.aggregation import (
     get_rule,
     ideal_delta,
     lora_modules,
+    pack_arrayrecord,
     payload_nbytes,
     split_downlink,
     to_arrayrecord,
@@ -291,6 +292,9 @@ def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, start):
     up, down = rule.payload_bytes(state, start)
     assert up == ArrayRecord(rule.client_payload(start)).count_bytes() == payload_nbytes(rule.client_payload(start))
     assert down == to_arrayrecord(rule.downlink(state)).count_bytes()
+    packed_up, packed_down = rule.payload_bytes(state, start, wire_format="packed")
+    assert packed_up == pack_arrayrecord(rule.client_payload(start)).count_bytes() < up
+    assert packed_down == pack_arrayrecord(rule.downlink(state)).count_bytes() <= down
 
     def lora_bytes(parts):
         keys = [k for k in start if any(f".lora_{p}." in k for p in parts)]
