@@ -6,9 +6,11 @@ messages; the fused submodel layers are also cached on disk by the growth module
 this goes into ``context.state``.
 
 A personalised rule's own state (FedSA-LoRA's B) is kept on the client's disk, not in ``context.state``
-(which the simulation ships with every call): :func:`save_personal` writes one safetensors file per round
-atomically under ``cache_root()/clients/<client-state key>/<partition>/``, :func:`load_personal` reads the
-newest one written before a given round (so a resumed run that repeats a round is exact).
+(which the simulation ships with every call): a :class:`devft.growth.PersonalLoRA` (the client's B of every
+layer of the full model, the B of the submodel it last trained and that submodel's plan), so it follows the
+stages of DevFT and ProgFed. :func:`save_personal` writes one safetensors file per round atomically (temporary
+file, fsync, rename) under ``cache_root()/clients/<client-state key>/<partition>/``; :func:`load_personal`
+reads the newest one written before a given round (so a resumed run that repeats a round is exact).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from devft.aggregation import AggregationRule, get_rule
 from devft.config import RunConfig, config_from_flat
 from devft.data import Example, FederatedData, build_federated_data
-from devft.growth import GrowthPlan, build_submodel
+from devft.growth import GrowthPlan, PersonalLoRA, build_submodel
 from devft.models import LoadedModel, attach_lora, cache_root, load_model
 
 log = logging.getLogger(__name__)
@@ -105,9 +107,12 @@ def personal_dir(state_key: str, pid: int) -> Path:
     return cache_root() / "clients" / state_key / str(pid)
 
 
-def load_personal(state_key: str, pid: int, before_round: int) -> dict[str, torch.Tensor] | None:
-    """The personal tensors this client saved in its newest round ``< before_round`` (None if none)."""
-    from safetensors.torch import load_file
+def load_personal(state_key: str, pid: int, before_round: int) -> PersonalLoRA | None:
+    """The personal state this client saved in its newest round ``< before_round`` (None if none).
+
+    Raises ``ValueError`` naming the file when it is not a devft personal state.
+    """
+    from safetensors import safe_open
 
     directory = personal_dir(state_key, pid)
     if not directory.exists():
@@ -116,18 +121,27 @@ def load_personal(state_key: str, pid: int, before_round: int) -> dict[str, torc
     earlier = [r for r in rounds if r < before_round]
     if not earlier:
         return None
-    return load_file(str(directory / f"personal-r{earlier[-1]:06d}.safetensors"))
+    path = directory / f"personal-r{earlier[-1]:06d}.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        return PersonalLoRA.from_flat(tensors, metadata)
+    except ValueError as err:
+        raise ValueError(f"personal state {path}: {err}") from err
 
 
-def save_personal(state_key: str, pid: int, server_round: int, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write this round's personal tensors atomically (tmp + rename); keep the previous round's file only."""
+def save_personal(state_key: str, pid: int, server_round: int, state: PersonalLoRA) -> Path:
+    """Write this round's personal state atomically (tmp, fsync, rename); keep the previous round's file only."""
     from safetensors.torch import save_file
 
     directory = personal_dir(state_key, pid)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"personal-r{server_round:06d}.safetensors"
     tmp = directory / f".{target.name}.{os.getpid()}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tensors, metadata = state.to_flat()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, target)
     rounds = sorted(int(m.group(1)) for f in directory.iterdir() if (m := _PERSONAL_FILE.match(f.name)))
     earlier = [r for r in rounds if r < server_round]

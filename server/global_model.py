@@ -6,7 +6,9 @@ with the global LoRA on the held-out set, evaluates the current submodel (built 
 and finally saves the global LoRA in peft's format.
 
 Rules that change the frozen base weights (FLoRA, FedEx-LoRA) give the server a cumulative base delta
-``{module: (d_out, d_in)}`` besides the LoRA: evaluation applies it (``W = W₀ + Δ`` with
+``{module: (d_out, d_in)}`` of the full model besides the LoRA (a ProgFed submodel gets its layers' share,
+:meth:`GlobalModel.submodel_delta`, and gives it back, :meth:`GlobalModel.merge_delta`): evaluation of the
+full model and of the submodel applies it (``W = W₀ + Δ`` with
 :func:`~devft.aggregation.client_side.set_base_delta`, then the LoRA on top: the rule's ``effective_delta``),
 and :meth:`GlobalModel.save_adapter` exports the effective ``ΔW = Δ + s·B A`` of every module as a plain peft
 LoRA of a higher rank, refactored by SVD without truncation below the exact rank (see ``_EXPORT_README``).
@@ -27,7 +29,15 @@ from devft.aggregation import BaseDelta
 from devft.aggregation.client_side import set_base_delta
 from devft.config import RunConfig
 from devft.data import Example
-from devft.growth import GrowthPlan, build_submodel, plan_stage, submodel_lora, transfer_lora
+from devft.growth import (
+    GrowthPlan,
+    build_submodel,
+    plan_stage,
+    put_layers,
+    select_layers,
+    submodel_lora,
+    transfer_lora,
+)
 from devft.models import LoadedModel, LoraState, attach_lora, load_lora_state, load_model, lora_state
 from devft.training import EvalResult, eval_loss, evaluate
 from server.methods import check_run, method_growth, method_rule, method_schedule
@@ -55,8 +65,10 @@ FedSA-LoRA shares A and keeps every client's B on that client; the server never 
 the shared, averaged ``lora_A`` and the initial ``lora_B`` (zero unless the run started from other adapters),
 so on its own it is (close to) the base model, not the result of training. The personalised models
 ``(A, B_k)`` live on the clients, under ``<DEVFT_CACHE>/clients/<client-state key>/<partition id>/`` (the key is
-in the checkpoint as ``client_state_key``). The run's ``eval_loss`` is the mean held-out loss of the
-personalised models of the clients sampled in the evaluated round (see docs/federated.md).
+in the checkpoint as ``client_state_key``): each client's newest ``personal-r<round>.safetensors`` holds its B of
+every layer of the full model under ``full/`` (pair it with this adapter's A) and the B of the submodel it last
+trained under ``sub/``. The run's ``eval_loss`` is the mean held-out loss of the personalised models of the
+clients sampled in the evaluated round (see docs/federated.md).
 """
 """README written into the adapter directory of a personalised (FedSA-LoRA) run."""
 
@@ -122,6 +134,18 @@ class GlobalModel:
         """Knowledge transfer of the submodel's LoRA back into the full state."""
         return transfer_lora(full_lora, sub_lora, plan)
 
+    @staticmethod
+    def submodel_delta(base_delta: Mapping[str, BaseDelta], plan: GrowthPlan) -> dict[str, BaseDelta]:
+        """The cumulative base delta of the submodel's modules, under its layer names (ProgFed's first L_s
+        layers are the full model's own: the delta maps by layer index; fusing plans are refused)."""
+        return select_layers(base_delta, plan, "the base delta (FLoRA, FedEx-LoRA)")
+
+    @staticmethod
+    def merge_delta(base_delta: Mapping[str, BaseDelta], sub_delta: Mapping[str, BaseDelta], plan: GrowthPlan
+                    ) -> dict[str, BaseDelta]:
+        """The full model's base delta with the submodel's (aggregated) one written back to its layers."""
+        return put_layers(base_delta, sub_delta, plan, "the base delta (FLoRA, FedEx-LoRA)")
+
     def is_identity(self, plan: GrowthPlan) -> bool:
         """Whether the plan's submodel is the full model itself (every layer its own group, in order)."""
         return plan.capacity == self.num_layers and all(g == (i,) for i, g in enumerate(plan.groups))
@@ -136,14 +160,20 @@ class GlobalModel:
         load_lora_state(self.model, full_lora)
         return evaluate(self.model, self.tokenizer, self.test, self.config.eval, self.config.data.max_length)
 
-    def evaluate_submodel(self, plan: GrowthPlan, sub_lora: LoraState) -> float:
-        """Held-out loss of the stage's submodel with ``sub_lora`` (teacher forcing only, no generation)."""
+    def evaluate_submodel(self, plan: GrowthPlan, sub_lora: LoraState, base_delta: dict[str, torch.Tensor] | None = None
+                          ) -> float:
+        """Held-out loss of the stage's submodel with ``sub_lora`` (teacher forcing only, no generation).
+
+        ``base_delta``: the submodel's own ``{module: dense (d_out, d_in)}`` (:meth:`submodel_delta`), applied
+        as in :meth:`evaluate_full`.
+        """
         key = plan.to_json()
         if self._submodel is None or self._submodel[0] != key:
             self._submodel = None
             sub = build_submodel(self.model, plan)
             self._submodel = (key, attach_lora(sub, self.config.lora, seed=self.config.federation.seed))
         model = self._submodel[1]
+        set_base_delta(model, base_delta or {})
         load_lora_state(model, sub_lora)
         examples = self.test[: self.config.eval.max_examples] if self.config.eval.max_examples else self.test
         return eval_loss(model, self.tokenizer, examples, self.config.eval.batch_size, self.config.data.max_length)

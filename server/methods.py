@@ -9,9 +9,13 @@
 Data, seed, clients, local steps and total rounds come from the same config for every method.
 
 The LoRA aggregation rule (``federation.aggregation``) is orthogonal to the method; :func:`method_rule`
-refuses combinations that cannot work (``devft.aggregation.check_compatible``) and those this strategy
-does not run yet (:data:`RULE_METHODS`): FLoRA, FedEx-LoRA (base-weight deltas) and FedSA-LoRA (personal B
-on each client) run with ``fedit`` only.
+refuses the combinations that cannot work (``devft.aggregation.check_compatible``); every other one runs
+end to end. FLoRA and FedEx-LoRA (base-weight deltas) run with ``fedit`` and ``progfed``:
+ProgFed's submodel is the full model's first L_s layers as they are, so the server sends each stage its layers'
+share of the full model's base delta and writes the aggregated share back (:mod:`devft.growth.selection`);
+DevFT refuses them on principle. FedSA-LoRA runs with every method: the server fuses and transfers Ā
+between stages, each client its own B (:mod:`devft.growth.personal`); DevFT's ``growth.lora_fusion = "svd"``
+is refused with it, since fusing ``B·A`` needs both factors in one place.
 """
 
 from __future__ import annotations
@@ -22,28 +26,6 @@ from devft.aggregation import AggregationRule, check_compatible, get_rule
 from devft.config import RunConfig
 from devft.growth import GrowthSettings, StageSchedule, make_schedule
 
-SUPPORTED_RULES = ("fedit", "ffa", "svd", "fedsa", "flora", "fedex")
-"""Rules the strategy runs end to end (each with the methods :data:`RULE_METHODS` allows)."""
-
-RULE_METHODS: dict[str, tuple[str, ...]] = {
-    "fedit": ("fedit", "progfed", "devft"),
-    "ffa": ("fedit", "progfed", "devft"),
-    "svd": ("fedit", "progfed", "devft"),
-    "flora": ("fedit",),
-    "fedex": ("fedit",),
-    "fedsa": ("fedit",),
-}
-"""Methods each rule runs with in this Flower app (``check_compatible`` refuses more on principle)."""
-
-_NOT_YET = {
-    "flora": "the server keeps FLoRA's base-weight delta for the full model only; carrying it across ProgFed's "
-    "growing submodels (and into the submodel evaluation) is not implemented",
-    "fedex": "the server keeps FedEx-LoRA's base-weight delta for the full model only; carrying it across "
-    "ProgFed's growing submodels (and into the submodel evaluation) is not implemented",
-    "fedsa": "each client keeps its own B for one fixed model; moving it with the stage plan (client-side "
-    "fusion and knowledge transfer of the personal B between stages) is not implemented",
-}
-
 
 def method_rule(config: RunConfig) -> AggregationRule:
     """The aggregation rule of the run; ``ValueError`` naming the field when it cannot run with the method."""
@@ -52,13 +34,15 @@ def method_rule(config: RunConfig) -> AggregationRule:
         check_compatible(name, method)
     except ValueError as err:
         raise ValueError(f"federation.aggregation={name!r} with federation.method={method!r}: {err}") from err
-    if method not in RULE_METHODS.get(name, ()):
+    rule = get_rule(name, alpha=config.lora.alpha)
+    lora_fusion = method_growth(config).lora_fusion
+    if rule.personalised and method == "devft" and lora_fusion == "svd":
         raise ValueError(
-            f"federation.aggregation={name!r} with federation.method={method!r} is not supported by the devft "
-            f"strategy: {_NOT_YET.get(name, 'unknown rule')}; use federation.method in {list(RULE_METHODS.get(name, ()))} "
-            f"or one of {[r for r, m in RULE_METHODS.items() if method in m]} with {method!r}"
+            f"growth.lora_fusion={lora_fusion!r} with federation.aggregation={name!r} and federation.method="
+            f"{method!r}: svd fusion re-factors each group's B·A, but with {name!r} the server holds A and every "
+            "client its own B, so neither side can fuse the product; use growth.lora_fusion='factors'"
         )
-    return get_rule(name, alpha=config.lora.alpha)
+    return rule
 
 
 def check_run(config: RunConfig) -> None:

@@ -6,6 +6,8 @@ Two calls per round cover every rule:
   the client's own part (FedSA-LoRA's B), freeze A (FFA-LoRA), start from fresh LoRA (FLoRA);
 - :func:`finish_round` after training: the payload to send, and what the client must keep until its next
   round (FedSA-LoRA's B; store it where the client keeps state, e.g. Flower's ``context.state``, or on disk).
+  When the model grows in stages (DevFT, ProgFed) the kept part must follow the stage plans:
+  :mod:`devft.growth.personal` fuses it for each submodel and writes it back into the full model's.
 
 The building blocks are public too: :func:`load_adapters`, :func:`freeze_lora_A`, :func:`reinit_lora`,
 :func:`set_base_delta`, :func:`personal_state`.

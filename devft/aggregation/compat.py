@@ -9,7 +9,7 @@ pristine base model, and knowledge transfer carries LoRA only (DESIGN.md §1, §
 |-------|-------|---------|-------|-----|
 | fedit | yes | yes | yes | the paper's default |
 | ffa   | yes | yes | yes | A is fused and transferred like B, deterministically; the server sends A with B in the first round of each stage (``downlink(full=True)``) |
-| fedsa | yes | yes | yes | the paper's own ablation (FedSA-LoRA + DevFT); each client fuses and transfers its own B with the stage plan the server sends, and keeps its full-model B |
+| fedsa | yes | yes | yes | the paper's own ablation (FedSA-LoRA + DevFT); the server fuses and transfers Ā, each client its own B with the stage plan the server sends (``devft.growth.personal``), and keeps its full-model B; factor-wise LoRA fusion only (``svd`` needs B·A in one place) |
 | svd   | yes | yes | yes | plain rank-r LoRA between rounds, as DevFT expects |
 | flora | yes | yes | **no** | merges every round's update into the frozen weights and restarts LoRA from zero: at a DevFT stage boundary the fused base is rebuilt from the pristine weights and only LoRA (now empty) is transferred, so all learning is lost |
 | fedex | yes | yes | **no** | the residual lives in the frozen weights of the fused representative layers; rebuilding the fused base at the next stage drops it (no longer exact), and carrying it would mean transferring dense base-weight deltas, which knowledge transfer (LoRA only) does not do |

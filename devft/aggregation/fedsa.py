@@ -3,9 +3,11 @@ Federated Learning", ICLR 2025).
 
 ``Ā = Σ p_k A_k`` is shared; each client's ``B_k`` never leaves it and persists across rounds (A learns
 general knowledge, B client-specific knowledge). No single global model (``exact = None``): evaluation
-happens on the clients, each with ``(Ā, B_k)``. Client: load Ā, restore its own B
-(:func:`~devft.aggregation.client_side.restore_personal`), train both, send A, keep B
-(:func:`~devft.aggregation.client_side.personal_state`).
+happens on the clients, each with ``(Ā, B_k)``. Client: load Ā and its own B
+(:func:`~devft.aggregation.client_side.prepare_round` with ``personal=``), train both, send A, keep B
+(:func:`~devft.aggregation.client_side.finish_round`). With DevFT or ProgFed the server fuses and transfers Ā
+between stages like any shared LoRA, and each client does the same with its own B
+(:mod:`devft.growth.personal`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Developmental growth: stage schedule, layer similarity and grouping, fusion, submodels, plans, transfer."""
+"""Developmental growth: stage schedule, layer similarity and grouping, fusion, submodels, plans, transfer
+(of the shared LoRA and of a client's own part)."""
 
 from devft.growth.fusion import (
     FUSION_MODES,
@@ -9,6 +10,7 @@ from devft.growth.fusion import (
     fusion_weights,
 )
 from devft.growth.grouping import GROUPING_MODES, SELECTION_MODES, SIMILARITY_MODES, Groups, group_layers
+from devft.growth.personal import PERSONAL_FORMAT, PersonalLoRA, after_training, personal_for_plan
 from devft.growth.plan import (
     PLAN_VERSION,
     GrowthPlan,
@@ -19,6 +21,7 @@ from devft.growth.plan import (
     plan_stage,
 )
 from devft.growth.schedule import StageSchedule, doubling_capacities, make_schedule, split_rounds
+from devft.growth.selection import is_selection, put_layers, select_layers
 from devft.growth.settings import GrowthSettings
 from devft.growth.similarity import (
     FUNCTIONAL_VIEWS,
@@ -44,6 +47,8 @@ __all__ = [
     "GrowthPlan",
     "GrowthSettings",
     "LORA_FUSION_MODES",
+    "PERSONAL_FORMAT",
+    "PersonalLoRA",
     "PLAN_VERSION",
     "PlanError",
     "PlanMismatchError",
@@ -53,6 +58,7 @@ __all__ = [
     "StageSchedule",
     "TRANSFER_RULES",
     "WEIGHT_VIEWS",
+    "after_training",
     "assemble_submodel",
     "build_submodel",
     "calibration_batch",
@@ -63,11 +69,15 @@ __all__ = [
     "fused_layers",
     "fusion_weights",
     "group_layers",
+    "is_selection",
     "layer_similarity",
     "make_plan",
     "make_schedule",
     "model_fingerprint",
+    "personal_for_plan",
     "plan_stage",
+    "put_layers",
+    "select_layers",
     "split_rounds",
     "submodel_cache_dir",
     "submodel_lora",

@@ -35,6 +35,21 @@ def base_layer_tensors(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return [layer_base_tensors(layer) for layer in decoder_layers(model)]
 
 
+def lora_factors(state: Mapping[str, torch.Tensor], family: Family) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """``{layer: {module: {"A": A, "B": B}}}`` from a peft LoRA state that may hold only some factors
+    (e.g. a client's personal B); module names like ``self_attn.q_proj``."""
+    out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for layer, tensors in lora_by_layer(state, family).items():
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for suffix, value in tensors.items():
+            module, _, kind = suffix.rpartition(".lora_")
+            if not module or kind not in ("A.weight", "B.weight"):
+                raise KeyError(f"unexpected LoRA tensor {suffix!r} in layer {layer} (only lora_A / lora_B supported)")
+            modules.setdefault(module, {})[kind[0]] = value
+        out[layer] = modules
+    return out
+
+
 def lora_modules(
     state: Mapping[str, torch.Tensor], family: Family
 ) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -43,13 +58,7 @@ def lora_modules(
     A is (r, d_in) and B is (d_out, r) for every family (peft keeps this layout for GPT-2's Conv1D too).
     """
     out: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for layer, tensors in lora_by_layer(state, family).items():
-        modules: dict[str, dict[str, torch.Tensor]] = {}
-        for suffix, value in tensors.items():
-            module, _, kind = suffix.rpartition(".lora_")
-            if not module or kind not in ("A.weight", "B.weight"):
-                raise KeyError(f"unexpected LoRA tensor {suffix!r} in layer {layer} (only lora_A / lora_B supported)")
-            modules.setdefault(module, {})[kind[0]] = value
+    for layer, modules in lora_factors(state, family).items():
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, ab in modules.items():
             if set(ab) != {"A", "B"}:

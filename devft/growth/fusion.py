@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from devft.aggregation import weighted_sum
-from devft.growth._params import base_layer_tensors, lora_modules
+from devft.growth._params import base_layer_tensors, lora_factors
 from devft.models import Family, LoraState, layer_key, split_layer_key
 
 FUSION_MODES = ("dblf", "r-one", "sum")
@@ -75,21 +75,37 @@ def fuse_lora(
     beta: float,
     lora_fusion: str = "factors",
 ) -> LoraState:
-    """The submodel's LoRA state: group ``k``'s fused adapters under layer index ``k`` (peft keys)."""
+    """The submodel's LoRA state: group ``k``'s fused adapters under layer index ``k`` (peft keys).
+
+    ``state`` may hold only one factor of a module (a client's personal B under FedSA-LoRA): it is then fused
+    on its own, exactly as ``factors`` fuses it next to the other. ``svd`` fuses the product B·A, so it needs
+    both factors of every module of a group with more than one member.
+    """
     if lora_fusion not in LORA_FUSION_MODES:
         raise ValueError(f"unknown lora_fusion={lora_fusion!r}; choose one of {LORA_FUSION_MODES}")
     prefix = _layer_prefix(state, family)
-    by_layer = lora_modules(state, family)
+    by_layer = lora_factors(state, family)
     out: LoraState = {}
     for k, group in enumerate(groups):
         missing = [i for i in group if i not in by_layer]
         if missing:
             raise KeyError(f"the LoRA state has no adapters for layers {missing} of group {tuple(group)}")
-        for module in by_layer[group[0]]:
-            factors = [by_layer[i][module] for i in group]  # [(A, B)], anchor first
-            a, b = _fuse_module(factors, mode, beta, lora_fusion)
-            out[layer_key(prefix, k, f"{module}.lora_A.weight")] = a
-            out[layer_key(prefix, k, f"{module}.lora_B.weight")] = b
+        for module, parts in by_layer[group[0]].items():
+            members = [by_layer[i].get(module, {}) for i in group]  # anchor first
+            for i, member in zip(group, members):
+                if set(member) != set(parts):
+                    raise KeyError(f"layer {i} holds LoRA factors {sorted(member)} of {module!r}, its group's "
+                                   f"anchor {group[0]} holds {sorted(parts)}")
+            if set(parts) == {"A", "B"}:
+                a, b = _fuse_module([(m["A"], m["B"]) for m in members], mode, beta, lora_fusion)
+                fused = {"A": a, "B": b}
+            elif lora_fusion == "svd" and len(group) > 1 and mode != "r-one":
+                raise ValueError(f"lora_fusion='svd' fuses B·A, but the LoRA state holds only lora_{sorted(parts)[0]} "
+                                 f"of {module!r}; use lora_fusion='factors'")
+            else:
+                fused = {part: fuse_tensors([m[part] for m in members], mode, beta) for part in parts}
+            for part in sorted(fused):  # A before B
+                out[layer_key(prefix, k, f"{module}.lora_{part}.weight")] = fused[part]
     return out
 
 

@@ -3,7 +3,8 @@
 - a 2-stage DevFT run, which must end with the same adapter, bit for bit, as the in-process run;
 - a FedIT run in which one client always raises;
 - a run killed (SIGKILL, with its Ray) after its round-2 checkpoint, resumed, compared bit for bit with an
-  uninterrupted run.
+  uninterrupted run;
+- DevFT with FedSA-LoRA, whose clients keep their own full-model B on their disk across the stages.
 """
 
 from __future__ import annotations
@@ -122,3 +123,26 @@ def test_invalid_config_fails_before_ray_starts(private_env, smoke_config, tmp_p
         load_config(SMOKE, {"federation.fault_injection": "1:explode"})
     with pytest.raises(ValueError, match=r"clients_per_round=9"):
         load_config(SMOKE, {"federation.clients_per_round": 9})
+
+
+def test_fedsa_with_devft_on_ray_keeps_each_clients_full_model_b(private_env, tmp_path):
+    import math
+
+    from client.runtime import load_personal
+
+    out = tmp_path / "ray"
+    sets = {"federation.aggregation": "fedsa", "federation.client_cpus": 2}
+    code = run(simulate_cmd(SMOKE, out, sets), private_env, tmp_path / "log.txt")
+    assert code == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    table = rows(out)
+    assert [(r["stage"], r["submodel_layers"]) for r in table] == [(0, 4), (0, 4), (1, 8), (1, 8)]
+    assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)
+    assert all(math.isfinite(r["eval_loss"]) for r in table if r["round"] % 2 == 0)  # eval_every = 2
+    key = load_checkpoint(out / "checkpoint")["client_state_key"]
+    b_keys = {k for k in adapter(out) if ".lora_B." in k}
+    trained = sorted({p for r in table for p in r["sampled_partitions"]})
+    states = [load_personal(key, pid, 5) for pid in trained]
+    assert len(trained) >= 2 and all(set(s.full) == b_keys for s in states)
+    some = sorted(b_keys)[0]
+    assert not torch.equal(states[0].full[some], states[1].full[some])
+    assert not ray_pids(private_env["RAY_TMPDIR"])
