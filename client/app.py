@@ -8,7 +8,10 @@ the growth module, on disk by plan hash, for deployments that restart the client
 Aggregation rules (:func:`devft.aggregation.client_side.prepare_round`): the message carries what the rule
 sends down (the adapters, and for FLoRA / FedEx-LoRA the cumulative base delta, applied as ``W₀ + Δ``);
 FLoRA restarts from fresh LoRA seeded by the message's ``lora-seed``; FedSA-LoRA's own B is read from and
-written back to this client's disk (:func:`client.runtime.load_personal`, :func:`~client.runtime.save_personal`).
+written back to this client's disk (:func:`client.runtime.load_personal`, :func:`~client.runtime.save_personal`)
+as a :class:`devft.growth.PersonalLoRA`, which moves it with the stage plan (:mod:`devft.growth.personal`:
+fused for the message's submodel, written back into the client's full-model B after training). A comes from
+the server every round, fused and transferred there; the client keeps none.
 """
 
 from __future__ import annotations
@@ -36,9 +39,16 @@ from client.runtime import (
     stage_model,
     to_wire,
 )
-from devft.aggregation import AggregationRule, ServerState, split_downlink
-from devft.aggregation.client_side import finish_round, load_adapters, prepare_round, set_base_delta
-from devft.models import load_lora_state, lora_state
+from devft.aggregation import AggregationRule, ServerState, record_state, split_downlink, wire_record
+from devft.aggregation.client_side import (
+    finish_round,
+    load_adapters,
+    personal_state,
+    prepare_round,
+    set_base_delta,
+)
+from devft.growth import GrowthPlan, PersonalLoRA, after_training, personal_for_plan
+from devft.models import LoraState, load_lora_state, lora_state
 from devft.training import eval_loss, train_lora
 
 log = logging.getLogger(__name__)
@@ -47,19 +57,17 @@ app = ClientApp()
 
 
 def _arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The received LoRA tensors, as float32 (the wire may carry float16)."""
-    return {key: torch.from_numpy(array.numpy()).float() for key, array in record.items()}
+    """The received LoRA tensors (either wire format), as writable float32 copies (the wire may carry float16)."""
+    return record_state(record)
 
 
-def _personal(model: torch.nn.Module, rule: AggregationRule, cfg: ConfigRecord, pid: int, before_round: int
-              ) -> dict[str, torch.Tensor]:
-    """This client's own LoRA parts (FedSA-LoRA: B) from its disk; the initial B (zero) before its first round."""
+def _personal(model: torch.nn.Module, rule: AggregationRule, cfg: ConfigRecord, pid: int, before_round: int,
+              plan: GrowthPlan) -> tuple[PersonalLoRA | None, LoraState]:
+    """This client's stored own state (None before its first round) and its own part (FedSA-LoRA: B) for the
+    submodel of ``plan``: as trained when the plan is the one it last trained, else fused from its full-model B
+    (zero before its first round)."""
     stored = load_personal(str(cfg["client-state-key"]), pid, before_round)
-    if stored is not None:
-        return stored
-    state = lora_state(model)
-    uploaded = rule.client_payload(state)
-    return {k: torch.zeros_like(v) for k, v in state.items() if k not in uploaded}
+    return stored, personal_for_plan(stored, plan, personal_state(model, rule))
 
 
 @app.train()
@@ -81,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     missing = sorted(set(expected) - set(downlink))
     if missing:
         raise KeyError(f"the message lacks {len(missing)} LoRA tensors of the submodel, e.g. {missing[0]!r}")
-    personal = _personal(model, rule, cfg, pid, server_round) if rule.personalised else None
+    stored, personal = _personal(model, rule, cfg, pid, server_round, plan) if rule.personalised else (None, None)
     seed = int(cfg["lora-seed"]) if rule.fresh_lora_each_round else None
     # Loads the adapters (+ base delta, FLoRA's fresh LoRA, FedSA's own B); FFA-LoRA also freezes A.
     prepare_round(model, rule, downlink, personal=personal, seed=seed)
@@ -89,8 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     settings = dataclasses.replace(config.train, seed=client_train_seed(config.train.seed, server_round, pid))
     result = train_lora(model, tokenizer, examples, settings, max_length=config.data.max_length)
     payload, keep = finish_round(model, rule)  # what the rule uploads (FFA-LoRA: B only; FedSA-LoRA: A only)
-    if rule.personalised:
-        save_personal(str(cfg["client-state-key"]), pid, server_round, keep)
+    if rule.personalised:  # the trained B, also written into this client's full-model B (knowledge transfer)
+        save_personal(str(cfg["client-state-key"]), pid, server_round, after_training(stored, plan, keep))
     state = to_wire(payload, config.federation.wire_dtype)
     metrics = {
         "num-examples": len(examples),
@@ -108,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     state, metrics = corrupt_reply(fault, state, metrics)
     log.info("round %d partition %d: loss %.4f in %.1f s", server_round, pid, result.loss, result.wall_s)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": wire_record(state, config.federation.wire_format), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -117,19 +125,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss of the received submodel LoRA on this client's partition (federated evaluation).
 
     The message may carry a base delta (FLoRA, FedEx-LoRA: applied as ``W₀ + Δ``); a personalised rule
-    (FedSA-LoRA) evaluates with this client's own B from its disk. ``eval-split = test`` evaluates on the
-    run's held-out set instead of the local partition (the personalised "global" evaluation).
+    (FedSA-LoRA) evaluates with this client's own B from its disk, fused for the message's plan when it last
+    trained another stage. ``eval-split = test`` evaluates on the run's held-out set instead of the local
+    partition (the personalised "global" evaluation).
     """
     cfg: ConfigRecord = msg.content[CONFIG_KEY]
     config = load_run_config(cfg)
     pid = partition_id(context)
-    model, tokenizer, _ = stage_model(config, str(cfg["plan"]))
+    model, tokenizer, plan = stage_model(config, str(cfg["plan"]))
     rule = aggregation_rule(config)
     adapters, deltas = split_downlink(_arrays_to_state(msg.content["arrays"]))
     set_base_delta(model, deltas)
     if rule.personalised:  # the shared parts from the message (a subset), this client's own from its disk
         load_adapters(model, adapters)
-        load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1))
+        load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1, plan)[1])
     else:
         load_lora_state(model, adapters)
     examples = held_out(config) if cfg.get("eval-split") == "test" else local_partition(config, pid)

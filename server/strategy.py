@@ -12,11 +12,14 @@ FedIT and ProgFed run through this same class (see :mod:`server.methods`).
 
 Aggregation rules (``federation.aggregation``, :mod:`devft.aggregation`): the strategy keeps the rule's
 server state between rounds, i.e. the submodel LoRA and, for rules that change the frozen weights (FLoRA,
-FedEx-LoRA), the cumulative base delta of every module, which travels down with every train message (the
-rule's downlink), is applied in the server's evaluation, is checkpointed, and is folded into the exported
-adapter. For a personalised rule (FedSA-LoRA) each client keeps its own B on its disk, under a key the
+FedEx-LoRA), the cumulative base delta of every module of the full model. The submodel's share of it (with
+ProgFed the first L_s layers' own, :meth:`~server.global_model.GlobalModel.submodel_delta`) travels down with
+every train message (the rule's downlink), is aggregated and written back; the server's evaluations apply
+it, the checkpoint keeps it, and the exported adapter folds it in. For a personalised rule (FedSA-LoRA) each client keeps its own B on its disk, under a key the
 server draws once per run (``client-state-key``, kept in the checkpoint so a resumed run finds them), and
-the run's ``eval_loss`` is the mean held-out loss of the sampled clients' personalised models.
+the run's ``eval_loss`` is the mean held-out loss of the sampled clients' personalised models of the stage
+being trained (with DevFT and ProgFed a submodel until the last, full-depth stage: ``eval_kind`` says which).
+The server fuses and transfers Ā between stages like any shared LoRA; the clients do the same with their B.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from devft.aggregation import BaseDelta, ServerState
-from devft.config import RunConfig, config_to_dict, config_to_flat
+from devft.aggregation import BaseDelta, ServerState, record_state, wire_record
+from devft.config import FederationSettings, RunConfig, config_to_dict, config_to_flat
 from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from server.global_model import GlobalModel, StagePlan
@@ -127,9 +130,10 @@ def round_lora_seed(seed: int, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _to_record(state: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
-    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-    return ArrayRecord({k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()})
+def _to_record(state: Mapping[str, torch.Tensor], fed: FederationSettings) -> ArrayRecord:
+    """What the server sends: ``state`` in the run's wire dtype and wire format."""
+    torch_dtype = torch.float16 if fed.wire_dtype == "float16" else torch.float32
+    return wire_record({k: v.detach().to(torch_dtype) for k, v in state.items()}, fed.wire_format)
 
 
 class DevFTStrategy(Strategy):
@@ -237,7 +241,9 @@ class DevFTStrategy(Strategy):
         """
         state = self._require_state()
         assert state.sub_lora is not None  # set when the stage was planned
-        rule_state = ServerState(lora=dict(state.sub_lora), base_delta=dict(state.base_delta))
+        assert state.stage is not None
+        rule_state = ServerState(lora=dict(state.sub_lora),
+                                 base_delta=self.model.submodel_delta(state.base_delta, state.stage.plan))
         expected = self.rule.expected_upload(rule_state)
         replies = list(replies)
         answered = set()
@@ -390,7 +396,7 @@ class DevFTStrategy(Strategy):
             log.info("resuming after round %d of %d", self.state.round, self.schedule.total_rounds)
             return rows
         if initial_arrays is not None:
-            full = {k: torch.from_numpy(a.numpy()).float() for k, a in initial_arrays.items()}
+            full = record_state(initial_arrays)
         else:
             full = self.model.initial_lora()
         initial = self.rule.init_state(full)  # FLoRA folds a non-zero initial B·A into the base delta
@@ -424,16 +430,19 @@ class DevFTStrategy(Strategy):
 
         # Clients keep nothing between rounds, so each gets everything the rule sends in a stage's first round.
         # Base deltas (FLoRA, FedEx-LoRA) are cumulative: a fresh client process is exact from this alone.
-        downlink = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=state.base_delta), full=True)
+        # ProgFed: the submodel's layers' share of the full model's base delta, under the submodel's names.
+        sub_delta = self.model.submodel_delta(state.base_delta, plan)
+        downlink = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=sub_delta), full=True)
         replies = grid.send_and_receive(
-            self.configure_train(server_round, _to_record(downlink, self.fed.wire_dtype), ConfigRecord(), grid),
+            self.configure_train(server_round, _to_record(downlink, self.fed), ConfigRecord(), grid),
             timeout=timeout,
         )
         aggregated, _ = self.aggregate_train(server_round, replies)
         if aggregated is not None:
             state.sub_lora = {k: torch.from_numpy(a.numpy()).float() for k, a in aggregated.items()}
             if self._round.base_delta is not None:
-                state.base_delta = self._round.base_delta
+                sub_delta = self._round.base_delta
+                state.base_delta = self.model.merge_delta(state.base_delta, sub_delta, plan)
 
         end_of_stage = self.schedule.is_last_round_of_stage(server_round)
         if end_of_stage:
@@ -441,9 +450,9 @@ class DevFTStrategy(Strategy):
 
         if self.fed.client_eval and self._is_eval_round(server_round):
             # the submodel LoRA and (FLoRA, FedEx-LoRA) the base delta it sits on
-            sub_with_delta = ServerState(lora=state.sub_lora, base_delta=state.base_delta).to_tensors()
+            sub_with_delta = ServerState(lora=state.sub_lora, base_delta=sub_delta).to_tensors()
             eval_replies = grid.send_and_receive(
-                self.configure_evaluate(server_round, _to_record(sub_with_delta, self.fed.wire_dtype), evaluate_config, grid),
+                self.configure_evaluate(server_round, _to_record(sub_with_delta, self.fed), evaluate_config, grid),
                 timeout=timeout,
             )
             self.aggregate_evaluate(server_round, eval_replies)
@@ -454,12 +463,14 @@ class DevFTStrategy(Strategy):
         if self._is_eval_round(server_round) and self.rule.personalised:
             # No global model: the held-out loss of each sampled client's own (Ā, B_k), on the clients.
             eval_start = time.perf_counter()
-            shared = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=state.base_delta))  # Ā only
+            shared = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=sub_delta))  # Ā only
             messages = self._evaluate_messages(
-                server_round, _to_record(shared, self.fed.wire_dtype), evaluate_config, split="test"
+                server_round, _to_record(shared, self.fed), evaluate_config, split="test"
             )
             loss, count = self._mean_eval_loss(server_round, grid.send_and_receive(messages, timeout=timeout))
             evaluation.update(eval_loss=loss, submodel_eval_loss=loss, eval_clients=count)
+            if not self.model.is_identity(plan):  # DevFT / ProgFed before the last stage: each client's submodel
+                evaluation["eval_kind"] = "personalised-submodel-clients-mean"
             eval_s = time.perf_counter() - eval_start
         elif self._is_eval_round(server_round):
             eval_start = time.perf_counter()
@@ -471,7 +482,8 @@ class DevFTStrategy(Strategy):
             evaluation["eval_accuracy"] = result.accuracy
             evaluation["eval_family_accuracy"] = result.family_accuracy or None
             evaluation["submodel_eval_loss"] = (
-                result.loss if self.model.is_identity(plan) else self.model.evaluate_submodel(plan, state.sub_lora)
+                result.loss if self.model.is_identity(plan)
+                else self.model.evaluate_submodel(plan, state.sub_lora, {m: d.materialize() for m, d in sub_delta.items()})
             )
             eval_s = time.perf_counter() - eval_start
 

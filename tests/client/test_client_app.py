@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
 from client.faults import InjectedFault, corrupt_reply
+from devft.aggregation import is_packed, pack_arrayrecord, record_tensors
 from devft.config import config_to_flat, load_config
 from devft.growth import PlanMismatchError, make_plan, submodel_lora
 from devft.models import LoraSettings, attach_lora, load_model, lora_state
@@ -55,7 +56,7 @@ def _context(partition: int) -> Context:
 
 
 def _arrays(reply: Message) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(a.numpy()) for k, a in reply.content["arrays"].items()}
+    return {k: t.clone() for k, t in record_tensors(reply.content["arrays"]).items()}
 
 
 def test_train_replies_with_the_trained_submodel_lora_and_its_costs():
@@ -86,6 +87,23 @@ def test_float16_on_the_wire_and_ffa_uploads_b_only():
     arrays = _arrays(reply)
     assert arrays and all(".lora_B." in k for k in arrays)
     assert {v.dtype for v in arrays.values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("wire_format", ["packed", "arrays"])
+def test_both_wire_formats_carry_the_same_update_both_ways(wire_format):
+    config = load_config(SMOKE, {"federation.wire_format": wire_format})
+    plan, lora = _stage0(config)
+    reference = _arrays(app(_message(config, plan.to_json(), lora), _context(1)))
+    packed_down = RecordDict({"arrays": pack_arrayrecord({k: v.float() for k, v in lora.items()}),
+                              "config": _message(config, plan.to_json(), lora).content["config"]})
+    msg = Message(packed_down, dst_node_id=7, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m-1"
+    reply = app(msg, _context(1)).content["arrays"]
+    assert is_packed(reply) == (wire_format == "packed")
+    if wire_format == "arrays":
+        assert set(reply.keys()) == set(lora)  # one Flower array per tensor, as ArrayRecord(state_dict) makes
+    got = _arrays(app(msg, _context(1)))
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
 
 
 def test_a_plan_for_another_base_model_is_refused():
@@ -137,17 +155,60 @@ def test_client_trains_with_the_run_lora_settings():
     assert {v.shape[0] for k, v in _arrays(reply).items() if "lora_A" in k} == {2}
 
 
+def _personal(scale: float):
+    """A personal state of a 2-layer stage (B only) as a client keeps it."""
+    from devft.growth import after_training
+
+    config = load_config(SMOKE)
+    plan, lora = _stage0(config)
+    trained = {k: torch.full_like(v, scale) for k, v in lora.items() if ".lora_B." in k}
+    return after_training(None, plan, trained)
+
+
+def _some_b(state):
+    return next(v for k, v in state.sub.items())
+
+
 def test_personal_state_is_kept_per_round_on_disk():
     from client.runtime import load_personal, personal_dir, save_personal
 
-    b = {"m.lora_B.weight": torch.ones(3, 2)}
     assert load_personal("run1", 0, 5) is None
     for server_round in (1, 2, 4):
-        save_personal("run1", 0, server_round, {k: v * server_round for k, v in b.items()})
+        save_personal("run1", 0, server_round, _personal(server_round))
     files = sorted(p.name for p in personal_dir("run1", 0).iterdir())
     assert files == ["personal-r000002.safetensors", "personal-r000004.safetensors"]  # this round and the one before
-    assert torch.equal(load_personal("run1", 0, 5)["m.lora_B.weight"], 4 * torch.ones(3, 2))
-    assert torch.equal(load_personal("run1", 0, 4)["m.lora_B.weight"], 2 * torch.ones(3, 2))  # a repeated round 4
+    loaded = load_personal("run1", 0, 5)
+    assert torch.all(_some_b(loaded) == 4) and loaded.plan == _personal(4).plan
+    assert len(loaded.full) == 2 * len(loaded.sub) and all(v.eq(4).all() for v in loaded.full.values())  # 8 vs 4 layers
+    assert torch.all(_some_b(load_personal("run1", 0, 4)) == 2)  # a repeated round 4
     assert load_personal("run1", 1, 5) is None  # another partition
     with pytest.raises(ValueError, match="client-state-key"):
         personal_dir("../x", 0)
+
+
+@pytest.mark.parametrize("crash", ["write", "rename"])
+def test_a_crash_while_saving_leaves_the_previous_personal_state_readable(monkeypatch, crash):
+    import safetensors.torch
+
+    import client.runtime as runtime
+
+    runtime.save_personal("run2", 0, 1, _personal(1.0))
+
+    def half_written(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\x00" * 7)  # a few bytes of the temporary file, then the process dies
+        raise KeyboardInterrupt
+
+    def no_rename(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        if crash == "write":
+            patch.setattr(safetensors.torch, "save_file", half_written)
+        else:
+            patch.setattr(runtime.os, "replace", no_rename)
+        runtime.save_personal("run2", 0, 2, _personal(2.0))
+    assert any(p.name.endswith(".tmp") for p in runtime.personal_dir("run2", 0).iterdir())  # the debris
+    for before in (2, 3):  # round 2 repeated, or round 3 of a client that crashed in round 2
+        assert torch.all(_some_b(runtime.load_personal("run2", 0, before)) == 1)
+    runtime.save_personal("run2", 0, 2, _personal(2.0))  # the repeated round overwrites nothing it needs
+    assert torch.all(_some_b(runtime.load_personal("run2", 0, 3)) == 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from inprocess_grid import InProcessGrid
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from devft.aggregation import record_tensors
 from server.checkpoint import load_checkpoint
 from server.metering import serialise
 from server.sampling import discover_partitions, sample_partitions
@@ -54,13 +56,14 @@ def test_devft_run_writes_the_run_directory(devft_run):
     assert table[1]["submodel_eval_loss"] != table[1]["eval_loss"]  # 4-layer submodel vs the full model
     assert table[3]["submodel_eval_loss"] == table[3]["eval_loss"]  # last stage: the submodel is the full model
 
-    # Uplink: each reply carries the submodel's LoRA in float32 (hand-computed size) plus framing: Flower's
-    # per-array headers (npy header, object ids, the key; < 1 KiB per array) and the metrics and envelope.
+    # Uplink: each reply carries the submodel's LoRA in float32 (hand-computed size) plus framing: in the
+    # packed wire format (the default) the manifest names every tensor (a peft key of >= 40 characters and
+    # its shape: < 256 bytes each), then a few headers, the metrics and the envelope.
     for r in table:
-        arrays = 14 * r["submodel_layers"]  # A and B of 7 modules per layer
+        tensors = 14 * r["submodel_layers"]  # A and B of 7 modules per layer
         payload = 4 * lora_numel_per_layer() * r["submodel_layers"]
         per_reply = r["bytes_up"] / r["clients_ok"]
-        assert payload + 200 * arrays <= per_reply <= payload + 1024 * arrays + 8192
+        assert payload + 40 * tensors <= per_reply <= payload + 256 * tensors + 8192
     # Downlink: exactly the bytes the grid serialised for the train messages of that round.
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     by_round: dict[int, int] = {}
@@ -70,7 +73,7 @@ def test_devft_run_writes_the_run_directory(devft_run):
     assert [by_round[r["round"]] for r in table] == [r["bytes_down"] for r in table]
     # The base model never travels: only LoRA tensors of the submodel's layers are sent.
     for m in sent:
-        keys = list(m.content["arrays"].keys())
+        keys = list(record_tensors(m.content["arrays"]).keys())
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
 
     summary = json.loads((out / "summary.json").read_text())
@@ -81,6 +84,22 @@ def test_devft_run_writes_the_run_directory(devft_run):
     stage0 = json.loads((out / "stages" / "stage-0.json").read_text())
     assert stage0["plan"]["capacity"] == 4 and len(stage0["similarity"]) == 8
     assert (out / "report.md").exists()
+
+
+def test_wire_format_changes_the_bytes_not_the_result(devft_run, run_inprocess, tmp_path):
+    """One Flower array per tensor instead of the packed default: bit-identical training, more bytes."""
+    config, packed_out, _ = devft_run
+    out = tmp_path / "arrays"
+    grid = run_inprocess(dataclasses.replace(
+        config, federation=dataclasses.replace(config.federation, wire_format="arrays")), out)
+    sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert all(set(m.content["arrays"].keys()) == set(record_tensors(m.content["arrays"])) for m in sent)
+    packed, arrays = adapter(packed_out), adapter(out)
+    assert packed.keys() == arrays.keys() and all(torch.equal(packed[k], arrays[k]) for k in packed)
+    for p_row, a_row in zip(rows(packed_out), rows(out)):
+        assert p_row["train_loss"] == a_row["train_loss"] and p_row["eval_loss"] == a_row["eval_loss"]
+        tensors = 14 * p_row["submodel_layers"]
+        assert a_row["bytes_up"] > p_row["bytes_up"] + 50 * tensors * p_row["clients_ok"]  # per-array framing
 
 
 def test_adapter_loads_with_peft_and_matches_the_checkpoint(devft_run):
@@ -248,7 +267,7 @@ def test_target_eval_loss_reports_cost_to_reach_it(devft_run):
     assert hit["train_flops"] == pytest.approx(sum(r["train_flops"] for r in table[:2]))
 
 
-@pytest.mark.parametrize("rule", ["fedsa", "flora", "fedex"])
+@pytest.mark.parametrize("rule", ["flora", "fedex"])
 def test_unsupported_or_incompatible_aggregation_is_refused(smoke_config, private_env, rule):
     from server.methods import method_rule
 
@@ -462,6 +481,80 @@ def test_base_delta_rules_are_exact_carried_checkpointed_and_exported(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("rule_name", ["flora", "fedex"])
+def test_base_delta_rules_follow_progfeds_growing_submodel_exactly(rule_name, smoke_config, private_env, one_thread,
+                                                                   tmp_path):
+    from devft.aggregation import ServerState, get_rule, ideal_delta, lora_modules
+    from devft.aggregation.client_side import set_base_delta
+    from devft.data import build_federated_data
+    from devft.growth import GrowthPlan, build_submodel, transfer_lora
+    from devft.models import attach_lora, load_lora_state, load_model
+    from devft.training import eval_loss
+
+    # ProgFed, 2 stages: round 1 trains layers 0-3, rounds 2-3 all 8 layers.
+    config = smoke_config(federation__method="progfed", federation__aggregation=rule_name, federation__num_rounds=3,
+                          federation__eval_every=1)
+    rule = get_rule(rule_name, alpha=config.lora.alpha)
+    out = tmp_path / "run"
+    after: dict[int, dict] = {}
+
+    def grab(row):
+        after[row["round"]] = load_checkpoint(out / "checkpoint")
+
+    grid = _run_recorded(config, out, fresh=True, on_round=[grab])
+    table = rows(out)
+    assert [(r["stage"], r["submodel_layers"]) for r in table] == [(0, 4), (1, 8), (1, 8)]
+    assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)  # clients applied what they were sent
+
+    def effective(ckpt):
+        """The full model's ΔW per module: the base delta plus the LoRA after (virtual) knowledge transfer."""
+        plan = GrowthPlan.from_dict(json.loads(ckpt["stage"])["plan"])
+        view = transfer_lora(ckpt["full_lora"], ckpt["sub_lora"], plan)
+        return rule.effective_delta(ServerState.from_tensors({**view, **ckpt["base_delta"]}))
+
+    modules = lora_modules(k for k in after[1]["full_lora"])
+    previous_eff = {m: torch.zeros(1, dtype=torch.float64) for m in modules}
+    previous_delta: dict[str, torch.Tensor] = {}
+    for server_round in (1, 2, 3):
+        replies = grid.train_replies(server_round)
+        updates = [r.content["arrays"] for _, r in replies]
+        ideal = ideal_delta(updates, [r.content["metrics"]["num-examples"] for _, r in replies], config.lora.alpha)
+        trained = set(ideal)
+        assert len(trained) == 7 * table[server_round - 1]["submodel_layers"]  # the submodel's modules, full names
+        got = effective(after[server_round])
+        assert got.keys() == set(modules)
+        for module in modules:
+            if module in trained:  # clients trained on W0 + D (+ s B̄ Ā): the average of their models, exactly
+                want = ideal[module] + previous_delta.get(module, 0)
+            else:  # layers the stage did not hold keep what they had (here: nothing yet)
+                want = previous_eff[module].expand_as(got[module])
+            torch.testing.assert_close(got[module], want, atol=2e-5, rtol=1e-4)
+        previous_eff = got
+        previous_delta = {m: d.materialize().double()
+                          for m, d in ServerState.from_tensors(after[server_round]["base_delta"]).base_delta.items()}
+        assert all(int(m.split(".layers.")[1].split(".")[0]) < table[server_round - 1]["submodel_layers"]
+                   for m in previous_delta)
+    assert not any(after[1]["base_delta"][k].abs().sum() == 0 for k in after[1]["base_delta"])
+
+    # The server's submodel evaluation (round 1: layers 0-3) applies the submodel's share of the base delta.
+    ckpt = after[1]
+    plan = GrowthPlan.from_dict(json.loads(ckpt["stage"])["plan"])
+    base = load_model(config.model.name)
+    sub = attach_lora(build_submodel(base.model, plan), config.lora, seed=config.federation.seed)
+    test = build_federated_data(config.data).test
+    load_lora_state(sub, ckpt["sub_lora"])
+    without = eval_loss(sub, base.tokenizer, test, config.eval.batch_size, config.data.max_length)
+    deltas = ServerState.from_tensors(ckpt["base_delta"]).base_delta
+    set_base_delta(sub, {m: d.materialize() for m, d in deltas.items()})
+    with_delta = eval_loss(sub, base.tokenizer, test, config.eval.batch_size, config.data.max_length)
+    assert table[0]["submodel_eval_loss"] == pytest.approx(with_delta, rel=1e-5)
+    assert with_delta != pytest.approx(without, rel=1e-4)
+    # The exported adapter is the final effective model.
+    model = PeftModel.from_pretrained(load_model(config.model.name).model, str(out / "adapter"))
+    loss = eval_loss(model, base.tokenizer, test, config.eval.batch_size, config.data.max_length)
+    assert loss == pytest.approx(table[-1]["eval_loss"], rel=1e-4)
+
+
 def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, private_env, one_thread, monkeypatch, tmp_path):
     import client.app as client_module
     from client.runtime import personal_dir
@@ -476,7 +569,7 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
     def spy(key, pid, before_round):
         found = real_load(key, pid, before_round)
         if found is not None:
-            loaded[(pid, before_round)] = {k: v.clone() for k, v in found.items()}
+            loaded[(pid, before_round)] = found
         return found
 
     monkeypatch.setattr(client_module, "load_personal", spy)
@@ -487,7 +580,7 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
         if row["round"] == 1:
             key = load_checkpoint(out / "checkpoint")["client_state_key"]
             for pid in range(4):
-                saved_r1[pid] = load_file(str(personal_dir(key, pid) / "personal-r000001.safetensors"))
+                saved_r1[pid] = real_load(key, pid, 2).sub
 
     grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
     key = load_checkpoint(out / "checkpoint")["client_state_key"]
@@ -495,13 +588,14 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
     # B never travels: uplink A only, downlink A only.
     for m, r in grid.pairs:
         if m.metadata.message_type == MessageType.TRAIN:
-            assert all(".lora_A." in k for k in r.content["arrays"].keys())
-            assert all(".lora_A." in k for k in m.content["arrays"].keys())
+            assert all(".lora_A." in k for k in record_tensors(r.content["arrays"]).keys())
+            assert all(".lora_A." in k for k in record_tensors(m.content["arrays"]).keys())
     # Each client's B persisted on its disk across fresh processes: round 2 started from its own round-1 B.
     for pid in range(4):
-        assert loaded[(pid, 2)].keys() == saved_r1[pid].keys()
-        assert all(torch.equal(loaded[(pid, 2)][k], saved_r1[pid][k]) for k in saved_r1[pid])
-    final_b = {pid: load_file(str(personal_dir(key, pid) / "personal-r000002.safetensors")) for pid in range(4)}
+        assert loaded[(pid, 2)].sub.keys() == saved_r1[pid].keys()
+        assert all(torch.equal(loaded[(pid, 2)].sub[k], saved_r1[pid][k]) for k in saved_r1[pid])
+    assert (personal_dir(key, 0) / "personal-r000002.safetensors").exists()
+    final_b = {pid: real_load(key, pid, 3).sub for pid in range(4)}
     some_b = next(iter(final_b[0]))
     assert all(final_b[p][some_b].abs().sum() > 0 for p in range(4))
     assert not torch.equal(final_b[0][some_b], final_b[1][some_b])  # personalised: the clients' B differ
@@ -510,9 +604,9 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
     p = normalized_weights([r.content["metrics"]["num-examples"] for r in replies], len(replies))
     final = adapter(out)
     for k in [k for k in final if ".lora_A." in k]:
-        avg = sum(pk * torch.from_numpy(r.content["arrays"][k].numpy()) for pk, r in zip(p, replies))
+        avg = sum(pk * record_tensors(r.content["arrays"])[k] for pk, r in zip(p, replies))
         torch.testing.assert_close(final[k], avg, atol=1e-6, rtol=1e-5)
-        assert not torch.equal(final[k], torch.from_numpy(replies[0].content["arrays"][k].numpy()))
+        assert not torch.equal(final[k], record_tensors(replies[0].content["arrays"])[k])
     assert all(not v.any() for k, v in final.items() if ".lora_B." in k)  # the server has no B
     # The "global" evaluation is the mean held-out loss of the sampled clients' personalised models.
     last = rows(out)[-1]
@@ -524,14 +618,103 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
 
 @pytest.mark.parametrize(
     ("rule_name", "method", "match"),
-    [("flora", "progfed", "not supported"), ("fedex", "progfed", "not supported"), ("fedsa", "progfed", "stage plan"),
-     ("fedsa", "devft", "stage plan"), ("flora", "devft", "cannot be combined"), ("fedex", "devft", "cannot be combined")],
+    [("flora", "devft", "cannot be combined"), ("fedex", "devft", "cannot be combined")],
 )
 def test_rule_method_pairs_the_app_does_not_run_are_refused(smoke_config, private_env, rule_name, method, match):
     from server.methods import method_rule
 
     with pytest.raises(ValueError, match=match):
         method_rule(smoke_config(federation__aggregation=rule_name, federation__method=method))
+
+
+def test_fedsa_runs_with_every_method_but_not_with_devfts_svd_lora_fusion(smoke_config, private_env):
+    from server.methods import method_rule
+
+    for method in ("fedit", "progfed", "devft"):
+        assert method_rule(smoke_config(federation__aggregation="fedsa", federation__method=method)).name == "fedsa"
+    assert method_rule(smoke_config(federation__aggregation="fedsa", federation__method="progfed",
+                                    growth__lora_fusion="svd")).personalised  # ProgFed fuses nothing
+    with pytest.raises(ValueError, match=r"growth.lora_fusion='svd' with federation.aggregation='fedsa'"):
+        method_rule(smoke_config(federation__aggregation="fedsa", growth__lora_fusion="svd"))
+
+
+@pytest.mark.parametrize(("method", "rounds", "stages"), [("devft", 4, [0, 0, 1, 1]), ("progfed", 2, [0, 1])])
+def test_fedsa_with_growth_moves_each_clients_b_through_the_stages(
+    method, rounds, stages, smoke_config, private_env, one_thread, monkeypatch, tmp_path
+):
+    import client.app as client_module
+    from client.runtime import load_personal
+    from devft.growth import GrowthPlan, submodel_lora, transfer_lora
+
+    config = smoke_config(federation__method=method, federation__aggregation="fedsa", federation__num_rounds=rounds)
+    out = tmp_path / "run"
+    started: dict[tuple[int, int], dict] = {}  # (partition, round) → the B it trained from
+    evaluated_with: dict[int, dict] = {}  # partition → the B of its last evaluation
+    real_personal = client_module._personal
+
+    def spy(model, rule, cfg, pid, before_round, plan):
+        stored, personal = real_personal(model, rule, cfg, pid, before_round, plan)
+        seen = evaluated_with if cfg.get("eval-split") else started
+        seen[pid if cfg.get("eval-split") else (pid, before_round)] = {k: v.clone() for k, v in personal.items()}
+        return stored, personal
+
+    monkeypatch.setattr(client_module, "_personal", spy)
+    kept: dict[tuple[int, int], object] = {}  # (partition, round) → its personal state after that round
+
+    def grab(row):
+        key = load_checkpoint(out / "checkpoint")["client_state_key"]
+        for pid in row["sampled_partitions"]:
+            kept[(pid, row["round"])] = load_personal(key, pid, row["round"] + 1)
+
+    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
+    table = rows(out)
+    assert [r["stage"] for r in table] == stages and json.loads((out / "summary.json").read_text())["rounds"] == rounds
+    assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)
+    evaluated = [r for r in table if r["eval_loss"] is not None]
+    assert evaluated and all(math.isfinite(r["eval_loss"]) and r["eval_clients"] == 2 for r in evaluated)
+    assert [r["eval_kind"] for r in evaluated][-1] == "personalised-clients-mean"  # the last stage: full depth
+    assert all(r["eval_kind"] == "personalised-submodel-clients-mean" for r in evaluated if r["stage"] == 0)
+    # B never travels: A only, up and down, in train and evaluate messages.
+    assert grid.pairs and all(all(".lora_A." in k for k in record_tensors(m.content["arrays"]).keys()) for m, _ in grid.pairs
+                              if m.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE))
+    assert all(".lora_A." in k for _, r in grid.train_replies(1) + grid.train_replies(rounds)
+               for k in record_tensors(r.content["arrays"]).keys())
+    # Every client that trained keeps its B of the full model (all 8 layers); the clients' B differ.
+    key = load_checkpoint(out / "checkpoint")["client_state_key"]
+    full_b_keys = {k for k in adapter(out) if ".lora_B." in k}
+    trained = sorted({pid for r in table for pid in r["sampled_partitions"]})
+    final = {pid: load_personal(key, pid, rounds + 1) for pid in range(4)}
+    for pid in range(4):
+        assert (final[pid] is None) == (pid not in trained)
+    assert all(set(final[p].full) == full_b_keys and len(full_b_keys) == 8 * 7 for p in trained)
+    some = sorted(full_b_keys)[0]
+    assert not torch.equal(final[trained[0]].full[some], final[trained[1]].full[some])
+    # A client that comes back in a later stage starts from its last B, transferred with the plan it was
+    # trained under and fused with the new plan (clients may skip rounds and stages in between).
+    plans = [GrowthPlan.from_dict(json.loads((out / "stages" / f"stage-{s}.json").read_text())["plan"]) for s in (0, 1)]
+    checked = 0
+    for (pid, r), start in started.items():
+        before = [(q, kept[(pid, q)]) for q in range(1, r) if (pid, q) in kept]
+        if not before or table[r - 1]["stage"] != 1 or before[-1][1].plan.stage != 0:
+            continue
+        last = before[-1][1]
+        zero = {k: torch.zeros_like(v) for k, v in final[pid].full.items()}
+        earlier = before[-2][1].full if len(before) > 1 else zero
+        want = submodel_lora(transfer_lora(earlier, last.sub, plans[0]), plans[1])
+        assert start.keys() == want.keys() and all(torch.equal(start[k], want[k]) for k in want), (pid, r)
+        assert any(v.any() for v in start.values())
+        checked += 1
+    assert checked >= 1
+    # A client evaluated in a stage it did not train evaluates its B fused with that stage's plan.
+    idle = next(p for p in trained if final[p].plan.stage == 0)
+    last_eval = next(m for m, _ in reversed(grid.pairs) if m.metadata.message_type == MessageType.EVALUATE)
+    message = Message(last_eval.content, dst_node_id=next(n for n, c in grid.contexts.items()
+                                                          if c.node_config["partition-id"] == idle),
+                      message_type=MessageType.EVALUATE, group_id=str(rounds))
+    (reply,) = grid.send_and_receive([message])
+    assert math.isfinite(reply.content["metrics"]["eval-loss"])
+    want = submodel_lora(final[idle].full, plans[1])
+    assert all(torch.equal(evaluated_with[idle][k], want[k]) for k in want) and want.keys() == evaluated_with[idle].keys()
 
 
 def test_fedsa_resume_finds_the_clients_b_and_ends_where_an_uninterrupted_run_ends(
