@@ -32,6 +32,7 @@ from devft.data import Example
 from devft.growth import (
     GrowthPlan,
     build_submodel,
+    make_plan,
     plan_stage,
     put_layers,
     select_layers,
@@ -102,6 +103,7 @@ class GlobalModel:
         self.schedule = method_schedule(config, self.num_layers)
         self.model = attach_lora(self.loaded.model, config.lora, seed=config.federation.seed)
         self._submodel: tuple[str, torch.nn.Module] | None = None
+        self._full_plans: dict[int, GrowthPlan] = {}
 
     @property
     def tokenizer(self):
@@ -145,6 +147,14 @@ class GlobalModel:
                     ) -> dict[str, BaseDelta]:
         """The full model's base delta with the submodel's (aggregated) one written back to its layers."""
         return put_layers(base_delta, sub_delta, plan, "the base delta (FLoRA, FedEx-LoRA)")
+
+    def full_plan(self, stage: int) -> GrowthPlan:
+        """The plan whose "submodel" is the full model (every layer its own group), labelled ``stage``: what
+        clients build to evaluate their personalised full model (FedSA-LoRA) during an earlier stage."""
+        cached = self._full_plans.get(stage)
+        if cached is None:
+            cached = self._full_plans[stage] = make_plan(self.model, stage, self.num_layers, self.growth)
+        return cached
 
     def is_identity(self, plan: GrowthPlan) -> bool:
         """Whether the plan's submodel is the full model itself (every layer its own group, in order)."""

@@ -17,8 +17,9 @@ ProgFed the first L_s layers' own, :meth:`~server.global_model.GlobalModel.submo
 every train message (the rule's downlink), is aggregated and written back; the server's evaluations apply
 it, the checkpoint keeps it, and the exported adapter folds it in. For a personalised rule (FedSA-LoRA) each client keeps its own B on its disk, under a key the
 server draws once per run (``client-state-key``, kept in the checkpoint so a resumed run finds them), and
-the run's ``eval_loss`` is the mean held-out loss of the sampled clients' personalised models of the stage
-being trained (with DevFT and ProgFed a submodel until the last, full-depth stage: ``eval_kind`` says which).
+the run's ``eval_loss`` is the mean held-out loss of the sampled clients' personalised full models (with
+DevFT and ProgFed: Ā after virtual knowledge transfer, sent with the full model's plan, and each client's own
+full-model B).
 The server fuses and transfers Ā between stages like any shared LoRA; the clients do the same with their B.
 """
 
@@ -41,6 +42,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from devft.aggregation import BaseDelta, ServerState, record_state, wire_record
 from devft.config import FederationSettings, RunConfig, config_to_dict, config_to_flat
+from devft.growth import GrowthPlan
 from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from server.global_model import GlobalModel, StagePlan
@@ -90,8 +92,6 @@ class RunState:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> RunState:
         import numpy as np
-
-        from devft.growth import GrowthPlan
 
         stage = None
         if payload["stage"] is not None:
@@ -293,12 +293,15 @@ class DevFTStrategy(Strategy):
             return []
         return self._evaluate_messages(server_round, arrays, config, split="train")
 
-    def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, split: str) -> list[Message]:
-        """EVALUATE messages to the round's sampled clients; ``split``: ``train`` (their partition) or ``test``."""
+    def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, split: str,
+                           plan: GrowthPlan | None = None) -> list[Message]:
+        """EVALUATE messages to the round's sampled clients; ``split``: ``train`` (their partition) or ``test``;
+        ``plan``: the model the clients build to evaluate (default: the stage's submodel)."""
         state = self._require_state()
         assert state.stage is not None
+        plan = plan or state.stage.plan
         record = ConfigRecord(
-            {**self.flat_config, **dict(config), "server-round": server_round, "plan": state.stage.plan.to_json(),
+            {**self.flat_config, **dict(config), "server-round": server_round, "plan": plan.to_json(),
              "eval-split": split, "client-state-key": state.client_state_key}
         )
         messages = self._messages(arrays, record, self._round.sampled, MessageType.EVALUATE, server_round)
@@ -461,16 +464,19 @@ class DevFTStrategy(Strategy):
                                       "eval_kind": self._eval_kind()}
         eval_s = 0.0
         if self._is_eval_round(server_round) and self.rule.personalised:
-            # No global model: the held-out loss of each sampled client's own (Ā, B_k), on the clients.
+            # No global model: the held-out loss of each sampled client's own full model on the clients, i.e.
+            # Ā after (virtual) knowledge transfer, sent with the full model's plan, and the client's own
+            # full-model B (into which it transferred this round's training).
             eval_start = time.perf_counter()
-            shared = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=sub_delta))  # Ā only
-            messages = self._evaluate_messages(
-                server_round, _to_record(shared, self.fed), evaluate_config, split="test"
-            )
+            identity = self.model.is_identity(plan)
+            full_view = state.sub_lora if identity else (
+                state.full_lora if end_of_stage else self.model.transfer(state.full_lora, state.sub_lora, plan))
+            shared = self.rule.downlink(ServerState(lora=full_view))  # Ā only
+            messages = self._evaluate_messages(server_round, _to_record(shared, self.fed), evaluate_config,
+                                               split="test", plan=plan if identity else self.model.full_plan(plan.stage))
             loss, count = self._mean_eval_loss(server_round, grid.send_and_receive(messages, timeout=timeout))
-            evaluation.update(eval_loss=loss, submodel_eval_loss=loss, eval_clients=count)
-            if not self.model.is_identity(plan):  # DevFT / ProgFed before the last stage: each client's submodel
-                evaluation["eval_kind"] = "personalised-submodel-clients-mean"
+            # the clients' personalised submodels are not evaluated separately (that would double their eval)
+            evaluation.update(eval_loss=loss, submodel_eval_loss=loss if identity else None, eval_clients=count)
             eval_s = time.perf_counter() - eval_start
         elif self._is_eval_round(server_round):
             eval_start = time.perf_counter()

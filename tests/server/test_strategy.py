@@ -672,8 +672,14 @@ def test_fedsa_with_growth_moves_each_clients_b_through_the_stages(
     assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)
     evaluated = [r for r in table if r["eval_loss"] is not None]
     assert evaluated and all(math.isfinite(r["eval_loss"]) and r["eval_clients"] == 2 for r in evaluated)
-    assert [r["eval_kind"] for r in evaluated][-1] == "personalised-clients-mean"  # the last stage: full depth
-    assert all(r["eval_kind"] == "personalised-submodel-clients-mean" for r in evaluated if r["stage"] == 0)
+    # Evaluation is of each client's full model in every stage (DESIGN §2.6): Ā of all 8 layers after virtual
+    # transfer, with the full model's plan; the personalised submodels are not evaluated separately.
+    assert all(r["eval_kind"] == "personalised-clients-mean" for r in evaluated)
+    full_depth = [r for r in table if r["submodel_layers"] == 8]
+    assert all((r["submodel_eval_loss"] is None) == (r not in full_depth) for r in evaluated)
+    eval_msgs = [m for m, _ in grid.pairs if m.metadata.message_type == MessageType.EVALUATE]
+    assert eval_msgs and all(GrowthPlan.from_json(str(m.content["config"]["plan"])).groups == tuple((i,) for i in range(8))
+                             and len(record_tensors(m.content["arrays"])) == 8 * 7 for m in eval_msgs)
     # B never travels: A only, up and down, in train and evaluate messages.
     assert grid.pairs and all(all(".lora_A." in k for k in record_tensors(m.content["arrays"]).keys()) for m, _ in grid.pairs
                               if m.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE))
