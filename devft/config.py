@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devft.aggregation.packed import WIRE_FORMATS
 from devft.data.settings import DataSettings
 from devft.growth.settings import GrowthSettings
 from devft.models.lora import LoraSettings
@@ -24,7 +25,6 @@ from devft.training.settings import EvalSettings, TrainSettings
 
 METHODS = ("devft", "fedit", "progfed")
 WIRE_DTYPES = ("float32", "float16")
-WIRE_FORMATS = ("packed", "arrays")  # devft.aggregation.packed.WIRE_FORMATS (config stays torch-free to import)
 FAULT_MODES = ("raise", "nan", "shape", "keys", "no-examples")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -67,10 +67,6 @@ class Manifest:
     index: dict[str, int]
     raw: bytes  # the JSON as it travels
 
-    @property
-    def numels(self) -> list[int]:
-        return [math.prod(s) for s in self.shapes]
-
     @staticmethod
     def build(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], raw: bytes | None = None) -> Manifest:
         keys, dtypes, shapes, offsets = [], [], [], []
