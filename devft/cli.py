@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help=default_help)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
-    p = sub.add_parser("simulate", help="federated simulation on Flower's simulation engine (Ray)")
+    p = sub.add_parser(
+        "simulate", help="federated simulation on Flower's simulation engine (its own Ray, or the cluster in $RAY_ADDRESS)"
+    )
     with_config(p, "TOML config (default: simulations/configs/quickstart.toml)")
     p.add_argument("--out", default="runs/latest", help="run directory (default: runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")

@@ -3,6 +3,10 @@
 The config is validated and the server's model built *before* Ray starts, so a bad config fails in
 seconds with the field and the value in the message. A rich progress bar shows, per round, the stage, the
 submodel's layers, the losses and the bytes moved.
+
+Ray: a private local one (loopback, ``os.cpu_count()`` CPUs, 512 MiB object store), or, when ``RAY_ADDRESS`` is
+set, the cluster there (joined, not started, and left running; its workers run the ClientApps with the
+environment ``ray start`` had). ``tests/server/test_ray_cluster.py`` checks the second case.
 """
 
 from __future__ import annotations

@@ -10,33 +10,22 @@ import json
 import os
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.common.config import flatten_dict
+from deployment_helpers import smoke_run_config
 from safetensors.torch import load_file
 from simulation_helpers import kill_with_env, pids_with_env, ray_pids
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "simulations" / "configs" / "smoke.toml"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
 
 
 @pytest.mark.slow
 def test_flwr_run_matches_devft_simulate(private_env, devft_run, tmp_path):
     env = {**os.environ, **private_env, "FLWR_HOME": str(tmp_path / "flwr")}
     out = tmp_path / "run"
-    overrides = flatten_dict(tomllib.loads(SMOKE.read_text())) | {"federation.target_eval_loss": 100.0, "run-dir": str(out)}
-    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+    run_config = smoke_run_config({"federation.target_eval_loss": 100.0, "run-dir": str(out)})
     cmd = ["flwr", "run", ".", "--stream", "--run-config", run_config,
            "--federation-config", "num-supernodes=4 client-resources-num-cpus=1"]
     try:
