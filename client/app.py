@@ -50,6 +50,7 @@ from devft.aggregation.client_side import (
 from devft.growth import GrowthPlan, PersonalLoRA, after_training, personal_for_plan
 from devft.models import LoraState, load_lora_state, lora_state
 from devft.training import eval_loss, train_lora
+from devft.training import evaluate as evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Loss of the received submodel LoRA on this client's partition (federated evaluation).
+    """Loss of the received submodel LoRA on this client's partition (federated evaluation), or, with
+    ``eval-split = test``, loss and exact match on the run's held-out set (``eval.*`` settings, as the server's
+    own evaluation).
 
     The message may carry a base delta (FLoRA, FedEx-LoRA: applied as ``W₀ + Δ``); a personalised rule
     (FedSA-LoRA) evaluates with this client's own B from its disk, fused for the message's plan when it last
@@ -141,11 +144,18 @@ def evaluate(msg: Message, context: Context) -> Message:
         load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1, plan)[1])
     else:
         load_lora_state(model, adapters)
-    examples = held_out(config) if cfg.get("eval-split") == "test" else local_partition(config, pid)
-    loss = eval_loss(model, tokenizer, examples, config.eval.batch_size, config.data.max_length)
+    if cfg.get("eval-split") == "test":  # the run's held-out evaluation, exactly as the server runs it
+        result = evaluate_model(model, tokenizer, held_out(config), config.eval, config.data.max_length)
+        loss, count = result.loss, result.num_examples
+    else:
+        examples = local_partition(config, pid)
+        loss, count, result = eval_loss(model, tokenizer, examples, config.eval.batch_size,
+                                        config.data.max_length), len(examples), None
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation loss is {loss}")
-    metrics = MetricRecord({"num-examples": len(examples), "eval-loss": loss, "partition-id": pid})
+    metrics = MetricRecord({"num-examples": count, "eval-loss": loss, "partition-id": pid})
+    if result is not None and result.accuracy is not None:
+        metrics["eval-accuracy"] = float(result.accuracy)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

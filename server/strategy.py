@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 import uuid
@@ -310,28 +311,32 @@ class DevFTStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation losses (errors are logged and left out)."""
-        mean, count = self._mean_eval_loss(server_round, replies)
-        if mean is None:
+        means, count = self._mean_eval(server_round, replies)
+        if "eval-loss" not in means:
             return None
-        self._round.client_eval = {"client_eval_loss": mean, "client_eval_clients": count}
-        return MetricRecord({"client-eval-loss": mean})
+        self._round.client_eval = {"client_eval_loss": means["eval-loss"], "client_eval_clients": count}
+        return MetricRecord({"client-eval-loss": means["eval-loss"]})
 
-    def _mean_eval_loss(self, server_round: int, replies: Iterable[Message]) -> tuple[float | None, int]:
-        """Example-weighted mean ``eval-loss`` of the replies (counting their bytes) and how many gave one."""
-        losses, weights = [], []
+    def _mean_eval(self, server_round: int, replies: Iterable[Message]) -> tuple[dict[str, float], int]:
+        """Example-weighted means of ``eval-loss`` (and of ``eval-accuracy`` when every counted reply has one)
+        over the replies (counting their bytes), and how many replies were counted."""
+        rows: list[tuple[float, float, float | None]] = []  # (examples, loss, accuracy)
         for reply in replies:
             self._round.bytes_up += wire_bytes(reply)
             if reply.has_error():
                 log.warning("round %d: client evaluation failed: %s", server_round, reply.error.reason)
                 continue
-            metrics = next(iter(reply.content.metric_records.values()), None)
-            loss, n = (metrics or {}).get("eval-loss"), (metrics or {}).get("num-examples")
-            if isinstance(loss, float) and isinstance(n, int | float) and n > 0 and torch.isfinite(torch.tensor(loss)):
-                losses.append(loss)
-                weights.append(float(n))
-        if not losses:
-            return None, 0
-        return sum(w * x for w, x in zip(weights, losses)) / sum(weights), len(losses)
+            metrics = next(iter(reply.content.metric_records.values()), None) or {}
+            loss, n, acc = metrics.get("eval-loss"), metrics.get("num-examples"), metrics.get("eval-accuracy")
+            if isinstance(loss, float) and isinstance(n, int | float) and n > 0 and math.isfinite(loss):
+                rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None))
+        if not rows:
+            return {}, 0
+        total = sum(n for n, _, _ in rows)
+        means = {"eval-loss": sum(n * x for n, x, _ in rows) / total}
+        if all(a is not None for _, _, a in rows):
+            means["eval-accuracy"] = sum(n * a for n, _, a in rows) / total  # type: ignore[operator]
+        return means, len(rows)
 
     # ------------------------------------------------------------------ the loop
 
@@ -474,9 +479,11 @@ class DevFTStrategy(Strategy):
             shared = self.rule.downlink(ServerState(lora=full_view))  # Ā only
             messages = self._evaluate_messages(server_round, _to_record(shared, self.fed), evaluate_config,
                                                split="test", plan=plan if identity else self.model.full_plan(plan.stage))
-            loss, count = self._mean_eval_loss(server_round, grid.send_and_receive(messages, timeout=timeout))
+            means, count = self._mean_eval(server_round, grid.send_and_receive(messages, timeout=timeout))
+            loss = means.get("eval-loss")
             # the clients' personalised submodels are not evaluated separately (that would double their eval)
-            evaluation.update(eval_loss=loss, submodel_eval_loss=loss if identity else None, eval_clients=count)
+            evaluation.update(eval_loss=loss, eval_accuracy=means.get("eval-accuracy"),
+                              submodel_eval_loss=loss if identity else None, eval_clients=count)
             eval_s = time.perf_counter() - eval_start
         elif self._is_eval_round(server_round):
             eval_start = time.perf_counter()
