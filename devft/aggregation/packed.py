@@ -160,7 +160,7 @@ class PackedSource:
     def __init__(self, record: Mapping[str, Any]) -> None:
         items = dict(record.items())
         manifest_array = items.pop(MANIFEST_KEY)
-        self.manifest = Manifest.parse(_npy_payload(manifest_array, MANIFEST_KEY, torch.uint8))
+        self.manifest = Manifest.parse(_npy_payload(manifest_array, MANIFEST_KEY))
         self._data: dict[torch.dtype, tuple[bytes, int]] = {}  # dtype -> (bytes, offset of the first element)
         for dtype, total in self.manifest.totals.items():
             key = DATA_PREFIX + _NAME_BY_DTYPE[dtype]
@@ -223,7 +223,7 @@ class PackedSource:
         return [_view(data, dtype, start + off * isz, n) for off, n in runs]
 
 
-def _npy_payload(arr: Any, key: str, dtype: torch.dtype) -> bytes:
+def _npy_payload(arr: Any, key: str) -> bytes:
     """The element bytes of a 1-D ``.npy`` array of ``uint8`` (the manifest)."""
     data = arr.data
     if getattr(arr, "stype", None) != NPY_STYPE or data[:6] != b"\x93NUMPY":
