@@ -61,6 +61,26 @@ def smollm2_lora_shapes(rank: int, layers: int | None) -> dict[str, tuple[int, .
     return shapes
 
 
+SMOLLM2_135M = {"layers": 30, "hidden": 576, "intermediate": 1536, "kv": 192}
+"""SmolLM2-135M's decoder dimensions (its config.json); :func:`static_smollm2_lora_shapes` is tested equal
+to the shapes read from the real model."""
+
+
+def static_smollm2_lora_shapes(rank: int, layers: int | None) -> dict[str, tuple[int, ...]]:
+    """The same key → shape map as :func:`smollm2_lora_shapes`, without loading the model (for a GPU machine
+    that has torch and Triton but not the model or Flower)."""
+    h, i, kv = SMOLLM2_135M["hidden"], SMOLLM2_135M["intermediate"], SMOLLM2_135M["kv"]
+    modules = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+               "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+    out = {}
+    for layer in range(SMOLLM2_135M["layers"] if layers is None else layers):
+        for module, (d_in, d_out) in modules.items():
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            out[f"{prefix}.lora_A.weight"] = (rank, d_in)
+            out[f"{prefix}.lora_B.weight"] = (d_out, rank)
+    return out
+
+
 def build_records(shapes: dict[str, tuple[int, ...]], clients: int, seed: int = 0) -> tuple[list, list]:
     """Per client (client k = base · (1 + k/1000), each with its own bytes): the one-array-per-tensor
     ArrayRecord Flower builds from a state dict, and the packed ArrayRecord of the same tensors."""
@@ -176,34 +196,45 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     }
 
 
-def bench_device_case(records: list, rank: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Triton vs the torch backend on device tensors (one flat buffer per client), and the device copy."""
-    from devft.aggregation import record_tensors, weighted_sum_many
+def bench_device_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
+                      device: torch.device, seed: int = 0) -> dict[str, float]:
+    """Triton vs the torch backend on device tensors, for the LoRA as separate tensors (420 per client) and as
+    one flat buffer per client (the packed layout), and the device's own copy of the same bytes."""
+    from devft.aggregation import weighted_sum_many
 
-    flat = [torch.cat([t.reshape(-1) for t in record_tensors(r).values()]).to(device) for r in records]
-    updates = [{"payload": x} for x in flat]
-    weights = [1.0 / len(flat)] * len(flat)
-    nbytes = sum(x.numel() * x.element_size() for x in flat)
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_key = [{k: 0.02 * torch.randn(s, generator=g, device=device) for k, s in shapes.items()}
+               for _ in range(clients)]
+    packed = [{"payload": torch.cat([t.reshape(-1) for t in u.values()])} for u in per_key]
+    weights = [1.0 / clients] * clients
+    nbytes = sum(x["payload"].numel() * 4 for x in packed)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    src = torch.cat(flat)
+    src = torch.cat([x["payload"] for x in packed])
     dst = torch.empty_like(src)
     results = {}
     for name, fn in {
-        "triton": lambda: weighted_sum_many(updates, weights, backend="triton", check_finite=False),
-        "triton_checked": lambda: weighted_sum_many(updates, weights, backend="triton"),
-        "torch": lambda: weighted_sum_many(updates, weights, backend="torch", check_finite=False),
+        "triton": lambda: weighted_sum_many(per_key, weights, backend="triton", check_finite=False),
+        "triton_checked": lambda: weighted_sum_many(per_key, weights, backend="triton"),
+        "torch": lambda: weighted_sum_many(per_key, weights, backend="torch", check_finite=False),
+        "triton_packed": lambda: weighted_sum_many(packed, weights, backend="triton", check_finite=False),
+        "torch_packed": lambda: weighted_sum_many(packed, weights, backend="torch", check_finite=False),
         "dcopy": lambda: dst.copy_(src),
     }.items():
         fn()  # compile / warm up
         results[name] = statistics.median(timed(fn, sync) for _ in range(repeats))
-    ref = weighted_sum_many(updates, weights, backend="torch")["payload"]
-    got = weighted_sum_many(updates, weights, backend="triton")["payload"]
+    ref = weighted_sum_many(per_key, weights, backend="reference")
+    got = weighted_sum_many(per_key, weights, backend="triton")
+    got_packed = weighted_sum_many(packed, weights, backend="triton")["payload"]
+    worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    worst = max(worst, float((torch.cat([ref[k].reshape(-1) for k in ref]) - got_packed).abs().max()))
     return {
-        "clients": len(flat), "rank": rank, "total_gb": nbytes / 1e9, "triton_s": results["triton"],
-        "triton_checked_s": results["triton_checked"], "torch_s": results["torch"], "dcopy_s": results["dcopy"],
-        "triton_gbps": nbytes / results["triton"] / 1e9, "dcopy_gbps": nbytes / results["dcopy"] / 1e9,
-        "max_abs_diff_vs_torch": float((ref - got).abs().max()),
+        "clients": clients, "rank": rank, "total_gb": nbytes / 1e9, "triton_s": results["triton"],
+        "triton_checked_s": results["triton_checked"], "torch_s": results["torch"],
+        "triton_packed_s": results["triton_packed"], "torch_packed_s": results["torch_packed"],
+        "dcopy_s": results["dcopy"], "triton_gbps": nbytes / results["triton"] / 1e9,
+        "dcopy_gbps": nbytes / results["dcopy"] / 1e9, "max_abs_diff_vs_reference": worst,
         "triton_vs_torch": results["torch"] / results["triton"],
+        "packed_bandwidth_fraction": results["dcopy"] / results["triton_packed"],
         "bandwidth_fraction": results["dcopy"] / results["triton"],
     }
 
@@ -226,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
     parser.add_argument("--device", default=None, help="device for the Triton section (default: cuda if present)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument("--shapes", choices=["model", "static"], default="model",
+                        help="LoRA shapes read from the real SmolLM2 (model) or from its known dimensions (static)")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the device section (needs torch and Triton, not Flower or the model)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -244,20 +279,27 @@ def main(argv: list[str] | None = None) -> int:
             "ours_s", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
             "speedup_vs_flower", "bandwidth_fraction"]
-    gpu_keys = ["clients", "rank", "total_gb", "triton_s", "triton_checked_s", "torch_s", "triton_gbps",
-                "dcopy_gbps", "max_abs_diff_vs_torch", "triton_vs_torch", "bandwidth_fraction"]
+    gpu_keys = ["clients", "rank", "total_gb", "triton_s", "triton_checked_s", "torch_s", "triton_packed_s",
+                "torch_packed_s", "triton_gbps", "dcopy_gbps", "max_abs_diff_vs_reference", "triton_vs_torch",
+                "packed_bandwidth_fraction", "bandwidth_fraction"]
+    if args.gpu_only and not run_device:
+        print("# --gpu-only: no CUDA device with Triton here (or TRITON_INTERPRET=1 with --device cpu)", flush=True)
+        return 1
     for rank in args.ranks:
-        shapes = smollm2_lora_shapes(rank, args.layers)
+        shapes = (static_smollm2_lora_shapes if args.shapes == "static" else smollm2_lora_shapes)(rank, args.layers)
         for clients in args.clients:
-            records, packed = build_records(shapes, clients)
-            row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats))
-            rows.append({"kind": "cpu", **row})
-            print(fmt(row, keys), flush=True)
+            if not args.gpu_only:
+                records, packed = build_records(shapes, clients)
+                row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats))
+                rows.append({"kind": "cpu", **row})
+                print(fmt(row, keys), flush=True)
+                del records, packed
             if run_device:
-                drow = bench_device_case(records, rank, args.repeats, device)
+                drow = bench_device_case(shapes, clients, rank, args.repeats, device)
                 rows.append({"kind": "device", "device": str(device), **drow})
                 print("gpu " + fmt(drow, gpu_keys), flush=True)
-            del records, packed
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             gc.collect()
     print(f"# loadavg at end {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:

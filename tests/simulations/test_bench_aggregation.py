@@ -15,9 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "simulations" / "bench" / "bench_a
 
 @pytest.mark.slow
 def test_bench_prints_the_fields_docs_quote(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     out = tmp_path / "bench.json"
     code = bench.main(["--clients", "3", "--ranks", "4", "--layers", "2", "--repeats", "2", "--flower-repeats", "1",
                        "--threads", "1", "--json", str(out), "--device", "cpu"])
@@ -29,3 +27,28 @@ def test_bench_prints_the_fields_docs_quote(tmp_path, capsys):
     assert row["max_rel_diff_vs_flower"] < 1e-6  # the same weighted mean as Flower's
     for key in ("speedup_vs_flower", "bandwidth_fraction", "speedup_same_payload", "arrays_speedup_vs_flower"):
         assert math.isfinite(row[key]) and row[key] > 0, key
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_static_shapes_are_the_real_models():
+    bench = _bench()
+    for rank in (8, 32):
+        assert bench.static_smollm2_lora_shapes(rank, None) == bench.smollm2_lora_shapes(rank, None)
+
+
+def test_gpu_only_section_runs_on_static_shapes(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the compiled kernel's code path, interpreted on the CPU
+    code = _bench().main(["--gpu-only", "--shapes", "static", "--device", "cpu", "--layers", "1", "--clients", "2",
+                          "--ranks", "4", "--repeats", "1"])
+    assert code == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpu clients=2 ")]
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    assert float(fields["max_abs_diff_vs_reference"]) < 1e-6 and float(fields["bandwidth_fraction"]) > 0
