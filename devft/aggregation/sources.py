@@ -270,10 +270,12 @@ Source = Any  # TensorSource | RecordSource | devft.aggregation.packed.PackedSou
 def as_source(update: Any) -> Source:
     """Wrap an update: a mapping of tensors, a record whose values carry ``.npy`` bytes in ``.data``, or a
     record in devft's packed format (:mod:`devft.aggregation.packed`)."""
+    if isinstance(update, (TensorSource, RecordSource)) or getattr(update, "kind", None) == "packed":
+        return update  # already a source (packed sources are the only other kind)
+    if type(update) is dict and all(type(v) is torch.Tensor for v in update.values()):
+        return TensorSource(update)  # the common case, without the abstract-class checks below
     from devft.aggregation.packed import MANIFEST_KEY, PackedSource  # packed builds on this module
 
-    if isinstance(update, (TensorSource, RecordSource, PackedSource)):
-        return update
     if not isinstance(update, Mapping) and not hasattr(update, "items"):
         raise TypeError(f"an update must be a mapping of tensors or a Flower ArrayRecord, got {type(update).__name__}")
     first = next(iter(update.values()), None)

@@ -30,7 +30,14 @@ byte once (a copy also writes every byte, so a weighted sum, which writes 1/N of
 
 With a CUDA GPU and Triton (or ``--device cpu`` under ``TRITON_INTERPRET=1`` to exercise the code path), it
 also prints, per case, the Triton kernel against the torch backend on the same device tensors and against the
-device's copy bandwidth: ``gpu … triton_vs_torch=<x> bandwidth_fraction=<y>``.
+device's copy bandwidth: ``gpu … triton_vs_torch=<x> bandwidth_fraction=<y>`` (fields and timing in
+``bench_aggregation_device.py``). ``--gpu-only`` skips the CPU section (no Flower needed; with
+``--shapes static`` no model either); ``--sweep`` also times every launch configuration of the kernel
+(block, warps, unrolled clients) and prints the best per case.
+
+GPU check on a bare CUDA machine with torch and Triton, from the repository root:
+
+    PYTHONPATH=. python3 simulations/bench/bench_aggregation.py --gpu-only --shapes static --sweep --json bench_gpu.json
 """
 
 from __future__ import annotations
@@ -196,54 +203,11 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     }
 
 
-def bench_device_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
-                      device: torch.device, seed: int = 0) -> dict[str, float]:
-    """Triton vs the torch backend on device tensors, for the LoRA as separate tensors (420 per client) and as
-    one flat buffer per client (the packed layout), and the device's own copy of the same bytes."""
-    from devft.aggregation import weighted_sum_many
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    per_key = [{k: 0.02 * torch.randn(s, generator=g, device=device) for k, s in shapes.items()}
-               for _ in range(clients)]
-    packed = [{"payload": torch.cat([t.reshape(-1) for t in u.values()])} for u in per_key]
-    weights = [1.0 / clients] * clients
-    nbytes = sum(x["payload"].numel() * 4 for x in packed)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    src = torch.cat([x["payload"] for x in packed])
-    dst = torch.empty_like(src)
-    results = {}
-    for name, fn in {
-        "triton": lambda: weighted_sum_many(per_key, weights, backend="triton", check_finite=False),
-        "triton_checked": lambda: weighted_sum_many(per_key, weights, backend="triton"),
-        "torch": lambda: weighted_sum_many(per_key, weights, backend="torch", check_finite=False),
-        "triton_packed": lambda: weighted_sum_many(packed, weights, backend="triton", check_finite=False),
-        "torch_packed": lambda: weighted_sum_many(packed, weights, backend="torch", check_finite=False),
-        "dcopy": lambda: dst.copy_(src),
-    }.items():
-        fn()  # compile / warm up
-        results[name] = statistics.median(timed(fn, sync) for _ in range(repeats))
-    ref = weighted_sum_many(per_key, weights, backend="reference")
-    got = weighted_sum_many(per_key, weights, backend="triton")
-    got_packed = weighted_sum_many(packed, weights, backend="triton")["payload"]
-    worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
-    worst = max(worst, float((torch.cat([ref[k].reshape(-1) for k in ref]) - got_packed).abs().max()))
-    return {
-        "clients": clients, "rank": rank, "total_gb": nbytes / 1e9, "triton_s": results["triton"],
-        "triton_checked_s": results["triton_checked"], "torch_s": results["torch"],
-        "triton_packed_s": results["triton_packed"], "torch_packed_s": results["torch_packed"],
-        "dcopy_s": results["dcopy"], "triton_gbps": nbytes / results["triton"] / 1e9,
-        "dcopy_gbps": nbytes / results["dcopy"] / 1e9, "max_abs_diff_vs_reference": worst,
-        "triton_vs_torch": results["torch"] / results["triton"],
-        "packed_bandwidth_fraction": results["dcopy"] / results["triton_packed"],
-        "bandwidth_fraction": results["dcopy"] / results["triton"],
-    }
-
-
 def fmt(row: dict[str, float], keys: list[str]) -> str:
     parts = []
     for k in keys:
         v = row[k]
-        parts.append(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}")
+        parts.append(f"{k}={v}" if isinstance(v, (int, str)) else f"{k}={v:.4g}")
     return " ".join(parts)
 
 
@@ -261,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="LoRA shapes read from the real SmolLM2 (model) or from its known dimensions (static)")
     parser.add_argument("--gpu-only", action="store_true",
                         help="only the device section (needs torch and Triton, not Flower or the model)")
+    parser.add_argument("--triton-host", action="store_true",
+                        help="device section: only the host work of a Triton call (no kernel runs; see host_case)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="device section: also time every kernel launch configuration (block, warps, unroll)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the device section's module beside this one
+    from bench_aggregation_device import LAYOUTS, device_case, host_case, sweep_case
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             "ours_s", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
             "speedup_vs_flower", "bandwidth_fraction"]
-    gpu_keys = ["clients", "rank", "total_gb", "triton_s", "triton_checked_s", "torch_s", "triton_packed_s",
-                "torch_packed_s", "triton_gbps", "dcopy_gbps", "max_abs_diff_vs_reference", "triton_vs_torch",
-                "packed_bandwidth_fraction", "bandwidth_fraction"]
+    gpu_keys = ["clients", "rank", "total_gb", "dcopy_s", "kernel_s", "call_s", "checked_call_s", "torch_s",
+                "packed_kernel_s", "packed_call_s", "packed_torch_s", "kernel_gbps", "dcopy_gbps",
+                "max_abs_diff_vs_reference", "call_bandwidth_fraction", "packed_call_bandwidth_fraction",
+                "packed_triton_vs_torch", "packed_bandwidth_fraction", "triton_vs_torch", "bandwidth_fraction"]
+    sweep_keys = ["clients", "rank", "layout", "block", "num_warps", "unroll", "kernel_s", "bandwidth_fraction"]
     if args.gpu_only and not run_device:
         print("# --gpu-only: no CUDA device with Triton here (or TRITON_INTERPRET=1 with --device cpu)", flush=True)
         return 1
@@ -294,10 +266,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"kind": "cpu", **row})
                 print(fmt(row, keys), flush=True)
                 del records, packed
-            if run_device:
-                drow = bench_device_case(shapes, clients, rank, args.repeats, device)
+            if run_device and args.triton_host:
+                hrow = host_case(shapes, clients, rank, args.repeats, device)
+                rows.append({"kind": "host", "device": str(device), **hrow})
+                print("host " + fmt(hrow, list(hrow)), flush=True)
+            elif run_device:
+                drow = device_case(shapes, clients, rank, args.repeats, device)
                 rows.append({"kind": "device", "device": str(device), **drow})
                 print("gpu " + fmt(drow, gpu_keys), flush=True)
+                if args.sweep:
+                    swept = sweep_case(shapes, clients, rank, args.repeats, device)
+                    rows.extend({"kind": "sweep", "device": str(device), **r} for r in swept)
+                    for layout in LAYOUTS:
+                        best = max((r for r in swept if r["layout"] == layout), key=lambda r: r["bandwidth_fraction"])
+                        print("sweep-best " + fmt(best, sweep_keys), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             gc.collect()
@@ -305,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
-    return 0 if all(math.isfinite(r["bandwidth_fraction"]) for r in rows) else 1
+    return 0 if all(math.isfinite(r.get("bandwidth_fraction", 0.0)) for r in rows) else 1
 
 
 if __name__ == "__main__":

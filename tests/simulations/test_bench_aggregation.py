@@ -29,11 +29,15 @@ def test_bench_prints_the_fields_docs_quote(tmp_path, capsys):
         assert math.isfinite(row[key]) and row[key] > 0, key
 
 
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return _load(BENCH)
 
 
 @pytest.mark.slow
@@ -43,12 +47,35 @@ def test_static_shapes_are_the_real_models():
         assert bench.static_smollm2_lora_shapes(rank, None) == bench.smollm2_lora_shapes(rank, None)
 
 
-def test_gpu_only_section_runs_on_static_shapes(monkeypatch, capsys):
+def test_gpu_only_section_runs_on_static_shapes(monkeypatch, capsys, tmp_path):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the compiled kernel's code path, interpreted on the CPU
-    code = _bench().main(["--gpu-only", "--shapes", "static", "--device", "cpu", "--layers", "1", "--clients", "2",
-                          "--ranks", "4", "--repeats", "1"])
+    bench = _bench()
+    code = bench.main(["--gpu-only", "--shapes", "static", "--device", "cpu", "--layers", "1", "--clients", "2",
+                       "--ranks", "4", "--repeats", "1", "--sweep", "--json", str(tmp_path / "gpu.json")])
     assert code == 0
-    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpu clients=2 ")]
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [ln for ln in lines if ln.startswith("gpu clients=2 ")]
     fields = dict(kv.split("=") for kv in line.split()[1:])
-    assert float(fields["max_abs_diff_vs_reference"]) < 1e-6 and float(fields["bandwidth_fraction"]) > 0
+    assert float(fields["max_abs_diff_vs_reference"]) < 1e-6
+    assert line.split()[-2].startswith("triton_vs_torch=") and line.split()[-1].startswith("bandwidth_fraction=")
+    for key in ("bandwidth_fraction", "packed_bandwidth_fraction", "call_bandwidth_fraction", "kernel_s"):
+        assert math.isfinite(float(fields[key])) and float(fields[key]) > 0, key
+    best = [dict(kv.split("=") for kv in ln.split()[1:]) for ln in lines if ln.startswith("sweep-best ")]
+    assert sorted(b["layout"] for b in best) == ["packed", "per_key"]
+    rows = json.loads((tmp_path / "gpu.json").read_text())
+    swept = [r for r in rows if r["kind"] == "sweep"]
+    grid = _load(BENCH.with_name("bench_aggregation_device.py")).SWEEP
+    assert len(swept) == 2 * math.prod(len(v) for v in grid.values())  # every configuration, both layouts
+
+
+def test_triton_host_work_is_timed_without_running_a_kernel(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code = _bench().main(["--gpu-only", "--triton-host", "--shapes", "static", "--device", "cpu", "--layers", "2",
+                          "--clients", "3", "--ranks", "4", "--repeats", "1"])
+    assert code == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("host clients=3 ")]
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    assert int(fields["tensors_per_client"]) == 2 * 7 * 2  # 2 layers × 7 projections × (A, B)
+    assert float(fields["per_key_prepare_s"]) > 0 and float(fields["packed_prepare_s"]) > 0

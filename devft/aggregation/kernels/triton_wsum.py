@@ -1,10 +1,25 @@
 """Triton kernels of the weighted sum over clients: one launch for every tensor of every client.
 
 Imported only when the Triton backend is asked for (``import devft`` never imports Triton). The kernel
-reads each client's tensors where they already are, through a pointer table ``ptrs[client, tensor]``
-(int64 addresses, the grouped-GEMM pattern of Triton's tutorials): no staging copy, no stacking. Program
-``p`` handles ``BLOCK`` elements of one tensor for all clients, accumulating ``w_k · x_k`` in fp32 (fp64 for
-fp64 inputs) and writing the block once, so every input byte is read once and every output byte written once.
+reads each client's tensors where they already are, through a pointer table ``ptrs[client, run]``
+(int64 addresses, the grouped-GEMM pattern of Triton's tutorials): no staging copy, no stacking. A *run*
+is a stretch of the output that lies back to back in every client's memory: one tensor of a state dict,
+or a client's whole packed payload (:mod:`devft.aggregation.packed`). Program ``p`` handles ``BLOCK``
+elements of one run for all clients, accumulating ``w_k · x_k`` in fp32 (fp64 for fp64 inputs) and writing
+the block once, so every input byte is read once and every output byte written once.
+
+Memory-bandwidth details (checked on the compiled sm_90 code by ``tests/devft/aggregation/test_triton_codegen.py``):
+
+- **128-bit loads and stores.** Addresses read from a table carry no alignment Triton can see, so it
+  would emit one 32-bit load per element. When every client address is 16-byte aligned and every run
+  length a multiple of ``16 / itemsize`` (true of LoRA tensors and packed payloads; checked on the host
+  each call), the kernel is told so (``VEC``) and loads/stores 16 bytes per instruction.
+- **Clients unrolled** (``unroll``): the loads of ``unroll`` clients are issued before their products are
+  added, for more bytes in flight per thread; the sum still runs over clients in order.
+- **Little host work.** The block tables depend only on the run lengths and are cached on the device;
+  the per-call addresses and weights travel in one host→device copy. :func:`prepare_weighted_sum_triton`
+  does the host work once and returns a launcher, for repeated sums over the same buffers (and for timing
+  the kernel alone).
 
 Fused extras:
 
@@ -23,7 +38,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,40 +64,50 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 4
-
+DEFAULT_UNROLL = 1
+VECTOR_BYTES = 16  # one 128-bit load or store
+_TABLE_CACHE_SIZE = 16
 
 
 def _weighted_sum_kernel(
-    ptrs,  # int64 [clients, tensors]: address of each client's tensor
+    ptrs,  # int64 [clients, runs]: address of each client's run
     weights,  # [clients] in the accumulation dtype
-    out,  # [total] flat output, tensors back to back
-    block_tensor,  # int32 [programs]: which tensor program p works on
-    block_start,  # int32 [programs]: first element of that tensor for program p
-    sizes,  # int64 [tensors]
-    out_offsets,  # int64 [tensors]
+    out,  # [total] flat output, runs back to back
+    block_run,  # int64 [programs]: which run program p works on
+    block_start,  # int64 [programs]: first element of that run for program p
+    sizes,  # int64 [runs]
+    out_offsets,  # int64 [runs]
     flags,  # int32 [clients]: set to 1 when a client holds NaN/Inf
     proto,  # any input tensor: its pointer type gives the input dtype (no dtype constexprs needed)
     n_clients,
-    n_tensors,
+    n_runs,
     BLOCK: tl.constexpr,
     CHECK_FINITE: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes when every address and run length allows it, else 1
+    UNROLL: tl.constexpr,  # clients per loop step: their loads are issued before their sums
 ):
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    size = tl.load(sizes + t)
-    base = tl.load(out_offsets + t)
+    r = tl.load(block_run + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+    size = tl.multiple_of(tl.load(sizes + r), VEC)
+    base = tl.multiple_of(tl.load(out_offsets + r), VEC)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < size
     acc = tl.full([BLOCK], 0, dtype=weights.dtype.element_ty)  # fp32 (fp64 for fp64 inputs)
-    for k in range(n_clients):
-        src = tl.load(ptrs + k * n_tensors + t).to(proto.dtype)  # address → typed pointer
-        w = tl.load(weights + k)
-        x = tl.load(src + offs, mask=mask, other=0.0).to(weights.dtype.element_ty)
-        acc += w * x
-        if CHECK_FINITE:
-            bad = (x != x) | (tl.abs(x) == float("inf"))
-            tl.atomic_max(flags + k + offs * 0, bad.to(tl.int32), mask=mask & bad)
+    for k0 in range(0, n_clients, UNROLL):
+        for u in tl.static_range(UNROLL):  # clients in order: the sum rounds the same for every UNROLL
+            k = pid * 0 + k0 + u  # a tensor also under the interpreter, where the loop counter is an int
+            live = k < n_clients
+            src = tl.load(ptrs + k * n_runs + r, mask=live, other=0).to(proto.dtype)  # address → typed pointer
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)  # bytes: checked on the host before VEC > 1 is chosen
+            w = tl.load(weights + k, mask=live, other=0.0)
+            lanes = offs < tl.where(live, size, 0)  # no lanes past the last client
+            x = tl.load(src + offs, mask=lanes, other=0.0).to(weights.dtype.element_ty)
+            acc += w * x
+            if CHECK_FINITE:
+                bad = (x != x) | (tl.abs(x) == float("inf"))
+                tl.atomic_max(flags + k + offs * 0, bad.to(tl.int32), mask=lanes & bad)
     tl.store(out + base + offs, acc.to(out.dtype.element_ty), mask=mask)
 
 
@@ -107,21 +134,33 @@ def interpreting() -> bool:
         triton.knobs.runtime.interpret)
 
 
-def _tables(group: Group, device: torch.device, block: int) -> tuple[torch.Tensor, ...]:
-    """Pointer table, block → (tensor, start) tables, sizes and output offsets for one dtype group."""
-    keep = [i for i, n in enumerate(group.numels) if n > 0]
-    sizes = np.asarray([group.numels[i] for i in keep], dtype=np.int64)
-    offsets = np.asarray([group.offsets[i] for i in keep], dtype=np.int64)
+_TABLES: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+
+
+def block_tables(runs: Sequence[int], block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(block_run, block_start, sizes, out_offsets)`` for runs of these lengths (zero-length runs already
+    dropped), as views of one int64 device buffer. They depend only on the lengths, so they are cached."""
+    key = (str(device), block, tuple(runs))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    sizes = np.asarray(runs, dtype=np.int64)
+    offsets = np.cumsum(sizes) - sizes
     nblocks = (sizes + block - 1) // block
-    block_tensor = np.repeat(np.arange(len(keep), dtype=np.int32), nblocks)
+    block_run = np.repeat(np.arange(len(sizes), dtype=np.int64), nblocks)
     first = np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
-    block_start = ((np.arange(int(nblocks.sum())) - first) * block).astype(np.int32)
-    ptrs = np.asarray([[els[i].data_ptr() for i in keep] for els in group.elements], dtype=np.int64)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return as_t(ptrs), as_t(block_tensor), as_t(block_start), as_t(sizes), as_t(offsets)
+    block_start = (np.arange(int(nblocks.sum()), dtype=np.int64) - first) * block
+    buf = torch.from_numpy(np.concatenate([block_run, block_start, sizes, offsets])).to(device)
+    cuts = np.cumsum([0, len(block_run), len(block_start), len(sizes), len(offsets)])
+    tables = tuple(buf[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
+    _TABLES[key] = tables
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return tables
 
 
-def _raise_for_client(source: TensorSource, client: int, keys: list[str]) -> None:
+def _raise_for_client(source: Any, client: int, keys: list[str]) -> None:
     for key in keys:
         if not bool(torch.isfinite(source.tensor(key)).all()):
             raise NonFiniteUpdateError("holds NaN or Inf values", client=client, key=key)
@@ -139,6 +178,139 @@ def _check_device(device: torch.device) -> None:
     )
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters: ``block`` elements per program (a power of two), ``num_warps`` per program, and
+    ``unroll`` clients per loop step. Tuned per GPU with ``simulations/bench/bench_aggregation.py --sweep``."""
+
+    block: int = DEFAULT_BLOCK
+    num_warps: int = DEFAULT_NUM_WARPS
+    unroll: int = DEFAULT_UNROLL
+
+    def __post_init__(self) -> None:
+        if self.block <= 0 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two, got block={self.block}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got num_warps={self.num_warps}")
+        if not 1 <= self.unroll <= 8:
+            raise ValueError(f"unroll must be 1..8, got unroll={self.unroll}")
+
+
+@dataclass
+class _Launch:
+    """One dtype group's kernel launch: its non-empty runs, their client addresses and the output."""
+
+    group: Group
+    flat: torch.Tensor  # output in the accumulation dtype, all of the group's keys back to back
+    runs: list[int]
+    addresses: np.ndarray  # int64 [clients, runs]
+    vec: int
+    proto: torch.Tensor | None
+
+
+class PreparedWeightedSum:
+    """The host-side work of ``Σ_k w_k · x_k`` over fixed buffers, done once: checks, dtype groups, runs,
+    client addresses, block tables and outputs. :meth:`launch` then only copies the weights and addresses
+    to the device and launches the kernels (no host sync), so it can be called again with other weights
+    while the buffers stay alive and unchanged."""
+
+    def __init__(self, updates: Sequence[Any], keys: Sequence[str] | None = None, *,
+                 check_finite: bool = True, config: KernelConfig | None = None) -> None:
+        self.config = config or KernelConfig()
+        sources = as_sources(updates)
+        # Flower records (npy bytes) are converted to tensors; packed payloads and tensors are read in place
+        self.sources = [TensorSource({k: s.tensor(k) for k in s.keys()}) if s.kind == "npy-bytes" else s
+                        for s in sources]
+        self.groups, self.device = plan_groups(self.sources, keys)
+        _check_device(self.device)
+        self.keys = list(keys) if keys is not None else self.sources[0].keys()
+        self.check_finite = check_finite
+        self.flags = torch.zeros(len(self.sources), dtype=torch.int32, device=self.device)
+        self.launches = [self._prepare(group) for group in self.groups]
+
+    def _prepare(self, group: Group) -> _Launch:
+        flat = torch.empty(group.total, dtype=compute_dtype(group.dtype), device=self.device)
+        keep = [j for j, n in enumerate(group.runs) if n > 0]
+        runs = [group.runs[j] for j in keep]
+        elements = [[els[j].contiguous() for j in keep] for els in group.elements]
+        group.elements = elements  # keeps contiguous copies (if any were made) alive for the launches
+        addresses = np.asarray([[e.data_ptr() for e in els] for els in elements], dtype=np.int64)
+        addresses = addresses.reshape(len(elements), len(runs))
+        vec = VECTOR_BYTES // group.itemsize
+        aligned = (not (addresses % VECTOR_BYTES).any() and all(n % vec == 0 for n in runs)
+                   and flat.data_ptr() % VECTOR_BYTES == 0)
+        proto = elements[0][0] if runs else None
+        return _Launch(group, flat, runs, addresses, vec if aligned else 1, proto)
+
+    def launch(self, weights: Sequence[float], scale: torch.Tensor | None = None) -> list[tuple[Group, torch.Tensor]]:
+        """Launch the sums with ``weights`` (one finite float per client; times ``scale``, a float64 device
+        tensor, when given) and return each group's flat output (accumulation dtype) without waiting for
+        the kernels. The addresses and the weights reach the device in one copy."""
+        n = len(self.sources)
+        host = [ln.addresses.reshape(-1) for ln in self.launches]
+        host.append(np.asarray(check_weights(weights, n), dtype=np.float64).view(np.int64))
+        buf = torch.from_numpy(np.concatenate(host)).to(self.device)
+        wdev = buf[-n:].view(torch.float64)
+        if scale is not None:
+            wdev = wdev * scale
+        if self.check_finite:
+            self.flags.zero_()
+        cut = 0
+        for ln in self.launches:
+            if not ln.runs:
+                continue
+            ptrs = buf[cut : cut + ln.addresses.size]
+            cut += ln.addresses.size
+            block_run, block_start, sizes, offsets = block_tables(ln.runs, self.config.block, self.device)
+            _kernel(self.device.type == "cpu")[(block_run.numel(),)](
+                ptrs, wdev.to(ln.flat.dtype), ln.flat, block_run, block_start, sizes, offsets, self.flags,
+                ln.proto, n, len(ln.runs),
+                BLOCK=self.config.block, CHECK_FINITE=self.check_finite, VEC=ln.vec, UNROLL=self.config.unroll,
+                num_warps=self.config.num_warps,
+            )
+        return [(ln.group, ln.flat) for ln in self.launches]
+
+    def vector_widths(self) -> dict[torch.dtype, int]:
+        """Elements per load/store each dtype group runs with (``16 / itemsize`` aligned, 1 otherwise)."""
+        return {ln.group.dtype: ln.vec for ln in self.launches}
+
+    def raise_if_not_finite(self, flats: list[tuple[Group, torch.Tensor]]) -> None:
+        """One host sync: the clients' NaN/Inf flags and the outputs' finiteness; raises naming the client
+        (and key) that holds a non-finite value, or the key whose sum overflowed."""
+        n = len(self.sources)
+        checks = [self.flags.to(torch.int64)] + [(~torch.isfinite(flat)).any().reshape(1).to(torch.int64)
+                                                 for _, flat in flats if flat.numel() > 0]
+        status = torch.cat(checks).tolist()
+        flagged = [c for c in range(n) if status[c]]
+        if flagged:
+            _raise_for_client(self.sources[flagged[0]], flagged[0], [k for g in self.groups for k in g.keys])
+        if any(status[n:]):
+            for group, flat in flats:
+                if flat.numel() and not bool(torch.isfinite(flat).all()):
+                    raise_nonfinite(self.sources, group, flat)
+
+
+def prepare_weighted_sum_triton(updates: Sequence[Any], keys: Sequence[str] | None = None, *,
+                                check_finite: bool = True, config: KernelConfig | None = None) -> PreparedWeightedSum:
+    """The host work of a weighted sum done once; see :class:`PreparedWeightedSum`."""
+    with gc_paused():
+        return PreparedWeightedSum(updates, keys, check_finite=check_finite, config=config)
+
+
+def _clip_factors(prepared: PreparedWeightedSum, clip_norm: float) -> torch.Tensor:
+    """``min(1, C / ‖x_k‖)`` per client, computed on the device (inf/NaN norms give 0/NaN factors, which
+    the finiteness check reports)."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
+    sq = torch.zeros(len(prepared.sources), dtype=torch.float64, device=prepared.device)
+    for group in prepared.groups:
+        for k, els in enumerate(group.elements):
+            if els:
+                norms = torch._foreach_norm(els, 2, dtype=torch.float32)  # one fused launch per client
+                sq[k] += torch.stack(norms).double().pow(2).sum()
+    return torch.clamp(clip_norm / sq.sqrt(), max=1.0)
+
+
 def weighted_sum_many_triton(
     updates: Sequence[Any],
     weights: Sequence[float] | torch.Tensor,
@@ -147,8 +319,7 @@ def weighted_sum_many_triton(
     clip_norm: float | None = None,
     check_finite: bool = True,
     out_dtype: torch.dtype | None = None,
-    block: int = DEFAULT_BLOCK,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    config: KernelConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{key: Σ_k weights[k] · updates[k][key]}`` in one kernel launch per dtype.
 
@@ -157,54 +328,13 @@ def weighted_sum_many_triton(
     zero-copy host views and therefore need the interpreter too (on a GPU machine use the torch backend
     for records, or move the tensors to the device first).
     """
-    if block <= 0 or block & (block - 1):
-        raise ValueError(f"block must be a power of two, got block={block}")
     with gc_paused():
-        sources = as_sources(updates)
-        # kernels need real tensors with addresses: views of records, contiguous tensors
-        sources = [TensorSource({k: s.tensor(k) for k in s.keys()}) if s.kind != "tensors" else s
-                   for s in sources]
-        w = check_weights(weights, len(sources))
-        groups, device = plan_groups(sources, keys)
-        _check_device(device)
-        for group in groups:
-            group.elements = [[e.contiguous() for e in els] for els in group.elements]
-        wdev = torch.tensor(w, dtype=torch.float64, device=device)
-        if clip_norm is not None:
-            if not clip_norm > 0:
-                raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
-            sq = torch.zeros(len(sources), dtype=torch.float64, device=device)
-            for group in groups:
-                for k, els in enumerate(group.elements):
-                    if els:
-                        norms = torch._foreach_norm(els, 2, dtype=torch.float32)  # one fused launch per client
-                        sq[k] += torch.stack(norms).double().pow(2).sum()
-            wdev = wdev * torch.clamp(clip_norm / sq.sqrt(), max=1.0)  # inf/NaN norms give 0/NaN: caught below
-        out: dict[str, torch.Tensor] = {}
-        flags = torch.zeros(len(sources), dtype=torch.int32, device=device)
-        flats: list[tuple[Group, torch.Tensor]] = []
-        for group in groups:
-            cdt = compute_dtype(group.dtype)
-            flat = torch.empty(group.total, dtype=cdt, device=device)
-            if group.total > 0:
-                ptrs, btensor, bstart, sizes, offsets = _tables(group, device, block)
-                proto = next(e for els in group.elements for e in els if e.numel() > 0)
-                _kernel(device.type == "cpu")[(btensor.numel(),)](
-                    ptrs, wdev.to(cdt), flat, btensor, bstart, sizes, offsets, flags, proto, len(sources),
-                    ptrs.shape[1], BLOCK=block, CHECK_FINITE=check_finite, num_warps=num_warps,
-                )
-            flats.append((group, flat))
+        prepared = PreparedWeightedSum(updates, keys, check_finite=check_finite, config=config)
+        scale = _clip_factors(prepared, clip_norm) if clip_norm is not None else None
+        flats = prepared.launch(weights, scale)
         if check_finite:
-            checks = [flags.to(torch.int64)] + [(~torch.isfinite(flat)).any().reshape(1).to(torch.int64)
-                                                 for _, flat in flats if flat.numel() > 0]
-            status = torch.cat(checks).tolist()  # one host sync for the whole call
-            flagged = [c for c in range(len(sources)) if status[c]]
-            if flagged:
-                _raise_for_client(sources[flagged[0]], flagged[0], [k for g in groups for k in g.keys])
-            if any(status[len(sources):]):
-                for group, flat in flats:
-                    if flat.numel() and not bool(torch.isfinite(flat).all()):
-                        raise_nonfinite(sources, group, flat)
+            prepared.raise_if_not_finite(flats)
+        out: dict[str, torch.Tensor] = {}
         for group, flat in flats:
             out.update(split_output(flat, group, out_dtype))
-        return {k: out[k] for k in (keys if keys is not None else sources[0].keys())}
+        return {k: out[k] for k in prepared.keys}

@@ -43,16 +43,86 @@ def test_triton_matches_independent_formula(case, dtype, atol, rtol):
         torch.testing.assert_close(out[key].double().cpu(), exp.to(dtype).double(), atol=atol, rtol=rtol)
 
 
-def test_triton_small_blocks_and_fp32_output():
-    updates = make_updates(3, [(1000,), (5, 7)], torch.float16, seed=2)
-    out = triton_wsum.weighted_sum_many_triton(on_device(updates), [1.0, 2.0, 3.0], block=128,
-                                               out_dtype=torch.float32)
-    expected = independent(updates, [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("config", [dict(block=128), dict(block=128, unroll=2), dict(block=64, unroll=3, num_warps=2)])
+def test_triton_launch_configs_and_fp32_output(config):
+    # 4 clients: unroll 3 leaves a partial step, whose missing clients must add nothing
+    updates = make_updates(4, [(1000,), (5, 7)], torch.float16, seed=2)
+    weights = [1.0, 2.0, 3.0, -0.5]
+    out = triton_wsum.weighted_sum_many_triton(on_device(updates), weights,
+                                               config=triton_wsum.KernelConfig(**config), out_dtype=torch.float32)
+    expected = independent(updates, weights)
     for key in expected:
         assert out[key].dtype == torch.float32
         torch.testing.assert_close(out[key].double().cpu(), expected[key], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="power of two"):
-        triton_wsum.weighted_sum_many_triton(on_device(updates), [1.0, 2.0, 3.0], block=100)
+
+
+def test_triton_unroll_does_not_change_the_rounding():
+    updates = on_device(make_updates(7, [(3000,), (17, 9)], torch.float32, seed=3))
+    weights = [0.1 * (k + 1) for k in range(7)]
+    plain = triton_wsum.weighted_sum_many_triton(updates, weights)
+    for unroll in (2, 4):
+        out = triton_wsum.weighted_sum_many_triton(updates, weights, config=triton_wsum.KernelConfig(unroll=unroll))
+        for key in plain:
+            assert torch.equal(out[key], plain[key]), (unroll, key)
+
+
+@pytest.mark.parametrize("bad", [dict(block=100), dict(num_warps=3), dict(unroll=0), dict(unroll=9)])
+def test_triton_refuses_bad_launch_configs(bad):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=f"{name}={value}"):
+        triton_wsum.KernelConfig(**bad)
+
+
+def test_triton_vector_width_needs_aligned_addresses_and_lengths():
+    aligned = on_device(make_updates(3, [(64,), (8, 4)], torch.float32, seed=1))
+    assert triton_wsum.prepare_weighted_sum_triton(aligned).vector_widths() == {torch.float32: 4}
+    halves = [{k: v.half() for k, v in u.items()} for u in aligned]
+    assert triton_wsum.prepare_weighted_sum_triton(halves).vector_widths() == {torch.float16: 8}
+    odd_length = on_device(make_updates(3, [(64,), (7, 3)], torch.float32, seed=1))
+    assert triton_wsum.prepare_weighted_sum_triton(odd_length).vector_widths() == {torch.float32: 1}
+    # a view one element into a buffer: 4-byte, not 16-byte, aligned
+    bufs = [torch.randn(65, device=DEVICE) for _ in range(3)]
+    shifted = [{"x": b[1:]} for b in bufs]
+    prepared = triton_wsum.prepare_weighted_sum_triton(shifted)
+    assert prepared.vector_widths() == {torch.float32: 1}
+    out = triton_wsum.weighted_sum_many_triton(shifted, [1.0, 2.0, 3.0])
+    torch.testing.assert_close(out["x"], bufs[0][1:] + 2 * bufs[1][1:] + 3 * bufs[2][1:])
+
+
+def test_prepared_sum_relaunches_with_new_weights_and_clears_the_flags():
+    updates = on_device(make_updates(3, [(500,), (6, 6)], torch.float32, seed=5))
+    prepared = triton_wsum.prepare_weighted_sum_triton(updates)
+    for weights in ([1.0, 0.0, 0.0], [0.2, 0.3, 0.5]):
+        flats = prepared.launch(weights)
+        prepared.raise_if_not_finite(flats)
+        expected = independent(updates, weights)
+        for group, flat in flats:
+            for key, n, off in zip(group.keys, group.numels, group.offsets):
+                torch.testing.assert_close(flat[off : off + n].double().cpu(), expected[key].reshape(-1),
+                                           atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="2 weights"):
+        prepared.launch([1.0, 2.0])
+    updates[1]["t0"][3] = float("nan")  # the buffers changed in place: the next launch sees it
+    with pytest.raises(NonFiniteUpdateError) as info:
+        prepared.raise_if_not_finite(prepared.launch([1.0, 1.0, 1.0]))
+    assert info.value.client == 1
+    updates[1]["t0"][3] = 0.0
+    prepared.raise_if_not_finite(prepared.launch([1.0, 1.0, 1.0]))  # flags were cleared
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="records live in host memory; compiled kernels read the device's")
+def test_triton_reads_packed_payloads_as_one_run_per_client():
+    pytest.importorskip("flwr")
+    from devft.aggregation.packed import pack_arrayrecord
+
+    updates = make_updates(3, [(40, 8), (8,), (16, 3)], torch.float32, seed=9)
+    records = [pack_arrayrecord(u) for u in updates]
+    prepared = triton_wsum.prepare_weighted_sum_triton(records)
+    assert [ln.runs for ln in prepared.launches] == [[40 * 8 + 8 + 16 * 3]]
+    out = weighted_sum_many(records, [0.5, 0.25, 0.25], backend="triton")
+    expected = independent(updates, [0.5, 0.25, 0.25])
+    for key in expected:
+        torch.testing.assert_close(out[key].double(), expected[key], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -99,3 +169,23 @@ def test_triton_on_gpu_at_lora_scale_matches_torch_backend():
     ref = weighted_sum_many(clients, weights, backend="torch")
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [dict(), dict(block=1024, unroll=2), dict(block=4096, num_warps=8, unroll=4),
+                                    dict(block=8192, num_warps=8, unroll=3)])
+def test_triton_on_gpu_every_launch_config_aligned_or_not(dtype, config):
+    # aligned LoRA-like tensors take 16-byte accesses; views one element into a buffer must not
+    cfg = triton_wsum.KernelConfig(**config)
+    aligned = [{k: v.cuda().to(dtype) for k, v in u.items()}
+               for u in make_updates(5, [(8, 576), (576, 8), (4096,)], torch.float32, seed=21)]
+    backing = [torch.randn(20001, device="cuda", dtype=dtype) for _ in range(5)]
+    shifted = [{"x": b[1:10001], "y": b[10001:].view(100, 100)} for b in backing]
+    weights = [0.3, -0.2, 0.5, 0.25, 0.15]
+    for updates, vec in ((aligned, 16 // torch.tensor([], dtype=dtype).element_size()), (shifted, 1)):
+        assert set(triton_wsum.prepare_weighted_sum_triton(updates, config=cfg).vector_widths().values()) == {vec}
+        out = triton_wsum.weighted_sum_many_triton(updates, weights, config=cfg)
+        ref = weighted_sum_many(updates, weights, backend="reference")
+        for key in ref:
+            torch.testing.assert_close(out[key].float(), ref[key].float(), atol=2e-3, rtol=2e-3)

@@ -1,0 +1,168 @@
+"""The device section of ``bench_aggregation.py``: the Triton weighted sum against the torch backend and
+against the device's own copy bandwidth, and (``--sweep``) its launch parameters.
+
+Per case (SmolLM2-135M LoRA shapes, ``clients`` clients, fp32 device tensors) and per layout, ``per_key``
+(the 420 LoRA tensors of each client, each its own allocation) and ``packed`` (one flat buffer per client,
+the packed wire layout):
+
+- ``kernel_s``: the kernels alone, :meth:`PreparedWeightedSum.launch` on buffers prepared once (the
+  per-call copy of addresses and weights included), ``BURST`` launches back to back between two CUDA
+  events, per launch. This is what the issue's target (≥ 0.7 of the copy bandwidth) is about.
+- ``call_s``: the whole ``weighted_sum_many(..., backend="triton")`` call, host work included (per-tensor
+  checks and addresses: with 420 tensors a client it is host-bound on a fast GPU), timed with a sync.
+- ``torch_s``: the same call with ``backend="torch"``.
+- ``dcopy_s``: ``copy_`` of a buffer as large as all clients' inputs, timed like ``kernel_s``.
+
+``bandwidth_fraction = dcopy_s / kernel_s`` (per_key), ``packed_bandwidth_fraction`` the same for the packed
+layout, ``call_bandwidth_fraction`` and ``packed_call_bandwidth_fraction`` with ``call_s``: input bytes per
+second over copied bytes per second, each input byte counted once (the copy also writes each byte, a
+weighted sum 1/N of them, so a fraction can exceed 1). ``triton_vs_torch = torch_s / call_s``.
+
+Under ``TRITON_INTERPRET=1`` with ``--device cpu`` the same code runs through Triton's interpreter (the
+timings then mean nothing; the tests use it to check the code path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+BURST = 10  # back-to-back launches per timed sample on a GPU
+SWEEP = {"block": (1024, 2048, 4096, 8192), "num_warps": (4, 8), "unroll": (1, 2, 4)}
+LAYOUTS = ("per_key", "packed")
+
+
+def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median seconds per call of ``fn``: CUDA events around ``BURST`` calls on a GPU, wall time elsewhere."""
+
+    def cuda(fn: Callable[[], object]) -> float:
+        fn()  # warm up (compile)
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(BURST):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / BURST)
+        return statistics.median(samples)
+
+    def wall(fn: Callable[[], object]) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples)
+
+    return cuda if device.type == "cuda" else wall
+
+
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device sync: a whole call, host work and GPU work, as a caller waits for it."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
+def make_inputs(shapes: dict[str, tuple[int, ...]], clients: int, device: torch.device,
+                seed: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Both layouts of the same fp32 values: ``per_key`` (a tensor per key) and ``packed`` (one flat buffer)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_key = [{k: 0.02 * torch.randn(s, generator=g, device=device) for k, s in shapes.items()}
+               for _ in range(clients)]
+    packed = [{"payload": torch.cat([t.reshape(-1) for t in u.values()])} for u in per_key]
+    return {"per_key": per_key, "packed": packed}
+
+
+def device_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
+                device: torch.device) -> dict[str, float]:
+    """One case: see the module docstring for the fields."""
+    from devft.aggregation import weighted_sum_many
+    from devft.aggregation.kernels.triton_wsum import prepare_weighted_sum_triton
+
+    inputs = make_inputs(shapes, clients, device)
+    weights = [1.0 / clients] * clients
+    nbytes = sum(x["payload"].numel() * 4 for x in inputs["packed"])
+    src = torch.cat([x["payload"] for x in inputs["packed"]])
+    dst = torch.empty_like(src)
+    per_call = _timer(device, repeats)  # events around bursts on a GPU
+    whole_call = _timer(torch.device("cpu"), repeats)  # wall time of synced calls
+    row: dict[str, float] = {"clients": clients, "rank": rank, "total_gb": nbytes / 1e9}
+    row["dcopy_s"] = per_call(lambda: dst.copy_(src))
+    for layout in LAYOUTS:
+        updates = inputs[layout]
+        prepared = prepare_weighted_sum_triton(updates, check_finite=False)
+        tag = "" if layout == "per_key" else "packed_"
+        row[f"{tag}kernel_s"] = per_call(lambda p=prepared: p.launch(weights))
+        row[f"{tag}call_s"] = whole_call(_synced(
+            lambda u=updates: weighted_sum_many(u, weights, backend="triton", check_finite=False), device))
+        row[f"{tag}torch_s"] = whole_call(_synced(
+            lambda u=updates: weighted_sum_many(u, weights, backend="torch", check_finite=False), device))
+        row[f"{tag}bandwidth_fraction"] = row["dcopy_s"] / row[f"{tag}kernel_s"]
+        row[f"{tag}call_bandwidth_fraction"] = row["dcopy_s"] / row[f"{tag}call_s"]
+        row[f"{tag}triton_vs_torch"] = row[f"{tag}torch_s"] / row[f"{tag}call_s"]
+    row["checked_call_s"] = whole_call(_synced(
+        lambda: weighted_sum_many(inputs["per_key"], weights, backend="triton"), device))
+    row["kernel_gbps"] = nbytes / row["kernel_s"] / 1e9
+    row["dcopy_gbps"] = nbytes / row["dcopy_s"] / 1e9
+    row["max_abs_diff_vs_reference"] = _max_diff(inputs, weights)
+    return row
+
+
+def _max_diff(inputs: dict[str, list], weights: list[float]) -> float:
+    """Largest difference of the Triton sums (both layouts) from the reference backend's."""
+    from devft.aggregation import weighted_sum_many
+
+    ref = weighted_sum_many(inputs["per_key"], weights, backend="reference")
+    got = weighted_sum_many(inputs["per_key"], weights, backend="triton")
+    packed = weighted_sum_many(inputs["packed"], weights, backend="triton")["payload"]
+    worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    return max(worst, float((torch.cat([ref[k].reshape(-1) for k in ref]) - packed).abs().max()))
+
+
+def host_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
+              device: torch.device) -> dict[str, float]:
+    """The host work a Triton call does before its first kernel (checks, dtype groups, runs, addresses,
+    outputs: :class:`PreparedWeightedSum`), per layout, in wall seconds. No kernel runs, so on a machine
+    without a GPU this measures, under ``TRITON_INTERPRET=1``, what a GPU call would spend on the host."""
+    from devft.aggregation.kernels.triton_wsum import prepare_weighted_sum_triton
+
+    inputs = make_inputs(shapes, clients, device)
+    wall = _timer(torch.device("cpu"), repeats)
+    row: dict[str, float] = {"clients": clients, "rank": rank, "tensors_per_client": len(shapes)}
+    for layout in LAYOUTS:
+        row[f"{layout}_prepare_s"] = wall(lambda u=inputs[layout]: prepare_weighted_sum_triton(u, check_finite=False))
+    return row
+
+
+def sweep_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
+               device: torch.device, grid: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, float]]:
+    """``kernel_s`` and ``bandwidth_fraction`` of every launch configuration in ``grid`` (default
+    ``SWEEP``), per layout, with the copy timed once for the case."""
+    from devft.aggregation.kernels.triton_wsum import KernelConfig, prepare_weighted_sum_triton
+
+    inputs = make_inputs(shapes, clients, device)
+    weights = [1.0 / clients] * clients
+    src = torch.cat([x["payload"] for x in inputs["packed"]])
+    dst = torch.empty_like(src)
+    timer = _timer(device, repeats)
+    dcopy = timer(lambda: dst.copy_(src))
+    grid = grid or SWEEP
+    rows = []
+    for block, num_warps, unroll in itertools.product(grid["block"], grid["num_warps"], grid["unroll"]):
+        config = KernelConfig(block=block, num_warps=num_warps, unroll=unroll)
+        for layout in LAYOUTS:
+            prepared = prepare_weighted_sum_triton(inputs[layout], check_finite=False, config=config)
+            kernel = timer(lambda p=prepared: p.launch(weights))
+            rows.append({"clients": clients, "rank": rank, "layout": layout, "block": block,
+                         "num_warps": num_warps, "unroll": unroll, "kernel_s": kernel, "dcopy_s": dcopy,
+                         "bandwidth_fraction": dcopy / kernel})
+    return rows
