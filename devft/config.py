@@ -70,6 +70,11 @@ class FederationSettings:
                   "arrays (one Flower array per tensor, as ArrayRecord(state_dict) makes)."},
     )
     reply_timeout_s: float = field(default=3600.0, metadata={"help": "Seconds a round waits for client replies (> 0)."})
+    aggregation_threads: int = field(
+        default=1,
+        metadata={"help": "CPU threads of the server's weighted sum (>= 1); more pay on an idle many-core "
+                  "server (docs/benchmarks.md)."},
+    )
     fault_injection: str = field(
         default="",
         metadata={
@@ -99,6 +104,9 @@ class FederationSettings:
         if self.wire_format not in WIRE_FORMATS:
             raise ValueError(
                 f"federation.wire_format must be one of {WIRE_FORMATS}, got wire_format={self.wire_format!r}")
+        if self.aggregation_threads < 1:
+            raise ValueError(
+                f"federation.aggregation_threads must be >= 1, got aggregation_threads={self.aggregation_threads!r}")
         if not self.reply_timeout_s > 0:
             raise ValueError(f"federation.reply_timeout_s must be > 0, got reply_timeout_s={self.reply_timeout_s!r}")
         self.faults()  # validates fault_injection

@@ -34,7 +34,7 @@ def method_rule(config: RunConfig) -> AggregationRule:
         check_compatible(name, method)
     except ValueError as err:
         raise ValueError(f"federation.aggregation={name!r} with federation.method={method!r}: {err}") from err
-    rule = get_rule(name, alpha=config.lora.alpha)
+    rule = get_rule(name, alpha=config.lora.alpha, threads=config.federation.aggregation_threads)
     lora_fusion = method_growth(config).lora_fusion
     if rule.personalised and method == "devft" and lora_fusion == "svd":
         raise ValueError(

@@ -208,12 +208,16 @@ class AggregationRule:
     frozen: ClassVar[tuple[str, ...]] = ()
     fresh_lora_each_round: ClassVar[bool] = False
 
-    def __init__(self, *, alpha: float, backend: str = "auto", check_finite: bool = True) -> None:
+    def __init__(self, *, alpha: float, backend: str = "auto", check_finite: bool = True,
+                 threads: int | None = None) -> None:
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0 (the LoRA alpha of the clients), got alpha={alpha!r}")
+        if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+            raise ValueError(f"threads must be a positive integer (CPU threads of the weighted sum), got threads={threads!r}")
         self.alpha = float(alpha)
         self.backend = backend
         self.check_finite = check_finite
+        self.threads = None if threads is None else int(threads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(alpha={self.alpha})"
@@ -264,7 +268,8 @@ class AggregationRule:
         """``Σ p_k x_k`` of ``keys`` with the fused kernel (fp32 accumulation, NaN/Inf named per client)."""
         if not keys:
             return {}
-        return weighted_sum_many(updates, p, keys=keys, check_finite=self.check_finite, backend=self.backend)
+        return weighted_sum_many(updates, p, keys=keys, check_finite=self.check_finite, backend=self.backend,
+                                 threads=self.threads)
 
     def downlink(self, state: ServerState, *, full: bool = False, rank: int | None = None) -> dict[str, torch.Tensor]:
         """Tensors to send to a client this round. ``full`` also sends what a client already holds (the
@@ -323,7 +328,7 @@ def get_rule(name: str, *, alpha: float, **options: Any) -> AggregationRule:
     """The rule called ``name`` (``fedit``, ``ffa``, ``fedsa``, ``flora``, ``fedex``, ``svd``).
 
     ``alpha`` is the clients' LoRA alpha (scale ``alpha / r``); ``options`` go to the rule (``rank`` for
-    ``svd``; ``backend`` and ``check_finite`` for all).
+    ``svd``; ``backend``, ``check_finite`` and ``threads``, the CPU threads of the weighted sum, for all).
     """
     if name not in RULES:
         raise ValueError(f"unknown aggregation rule={name!r}; choose one of {sorted(RULES)}")

@@ -47,8 +47,9 @@ class SVD(AggregationRule):
     exact = False
     heterogeneous_ranks = True
 
-    def __init__(self, *, alpha: float, rank: int | None = None, backend: str = "auto", check_finite: bool = True) -> None:
-        super().__init__(alpha=alpha, backend=backend, check_finite=check_finite)
+    def __init__(self, *, alpha: float, rank: int | None = None, backend: str = "auto", check_finite: bool = True,
+                 threads: int | None = None) -> None:
+        super().__init__(alpha=alpha, backend=backend, check_finite=check_finite, threads=threads)
         if rank is not None and (int(rank) != rank or rank < 1):
             raise ValueError(f"svd rank must be a positive integer, got rank={rank!r}")
         self.rank = rank

@@ -116,7 +116,8 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
     return time.perf_counter() - start
 
 
-def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_repeats: int) -> dict[str, float]:
+def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_repeats: int,
+                   agg_threads: int | None = None) -> dict[str, float]:
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
@@ -154,8 +155,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
             offset += len(mv)
 
     gather()
-    ours_out = record_tensors(aggregate_arrayrecords(packed, counts))  # warm-up (and the result checked below)
-    aggregate_arrayrecords(records, counts)
+    ours_out = record_tensors(aggregate_arrayrecords(packed, counts, threads=agg_threads))  # warm-up (and the result checked below)
+    aggregate_arrayrecords(records, counts, threads=agg_threads)
     times: dict[str, list[float]] = {"copy": [], "ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
                                      "gather": []}
     cpu: dict[str, list[float]] = {"copy": [], "ours": [], "flower": []}
@@ -171,8 +172,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
 
     for rep in range(repeats):
         run("copy", lambda: dst.copy_(src))
-        run("ours", lambda: aggregate_arrayrecords(packed, counts))
-        run("ours_arrays", lambda: aggregate_arrayrecords(records, counts))
+        run("ours", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads))
+        run("ours_arrays", lambda: aggregate_arrayrecords(records, counts, threads=agg_threads))
         run("gather", gather)
         if rep < flower_repeats:
             flower_out = run("flower", lambda: flower_aggregate(replies, "num-examples"))
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of ours and copy (median)")
     parser.add_argument("--flower-repeats", type=int, default=3, help="timed repeats of Flower's (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--agg-threads", type=int, default=None,
+                        help="threads of devft's weighted sum (federation.aggregation_threads; default 1)")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
     parser.add_argument("--device", default=None, help="device for the Triton section (default: cuda if present)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         for clients in args.clients:
             if not args.gpu_only:
                 records, packed = build_records(shapes, clients)
-                row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats))
+                row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats),
+                                     args.agg_threads)
                 rows.append({"kind": "cpu", **row})
                 print(fmt(row, keys), flush=True)
                 del records, packed

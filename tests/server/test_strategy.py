@@ -627,6 +627,15 @@ def test_rule_method_pairs_the_app_does_not_run_are_refused(smoke_config, privat
         method_rule(smoke_config(federation__aggregation=rule_name, federation__method=method))
 
 
+def test_aggregation_threads_reach_the_rule_and_bad_values_are_refused(smoke_config, private_env):
+    from server.methods import method_rule
+
+    assert method_rule(smoke_config(federation__aggregation_threads=3)).threads == 3
+    assert method_rule(smoke_config()).threads == 1
+    with pytest.raises(ValueError, match=r"federation.aggregation_threads must be >= 1, got aggregation_threads=0"):
+        smoke_config(federation__aggregation_threads=0)
+
+
 def test_fedsa_runs_with_every_method_but_not_with_devfts_svd_lora_fusion(smoke_config, private_env):
     from server.methods import method_rule
 
