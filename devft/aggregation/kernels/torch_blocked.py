@@ -57,8 +57,8 @@ def default_threads() -> int:
 
     Measured on the 2-core development machine shared with other jobs (docs/benchmarks.md): 32 clients of
     SmolLM2 r=8 LoRA took 125 ms with one thread and 151 ms with two (median of 9, interleaved). Several
-    threads overlap the copies of different blocks and should pay on an idle many-core server: pass
-    ``threads`` there, after measuring.
+    threads overlap the copies of different blocks and should pay on an idle many-core server: set
+    ``federation.aggregation_threads`` there after measuring (``bench_aggregation.py --agg-threads``).
     """
     return 1
 
