@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
     rows: list[dict] = []
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+
     keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
             "ours_s", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
@@ -287,10 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             gc.collect()
+            save(rows)  # after every case: a run cut short keeps what it measured
     print(f"# loadavg at end {os.getloadavg()[0]:.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    save(rows)
     return 0 if all(math.isfinite(r.get("bandwidth_fraction", 0.0)) for r in rows) else 1
 
 

@@ -221,7 +221,8 @@ def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_byt
     lock = threading.Lock()
 
     def accumulate(start: int, count: int, block: torch.Tensor) -> None:
-        part = block.pow(2).sum(dim=1, dtype=torch.float64)
+        # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
+        part = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
         with lock:
             parts.append(part)
 

@@ -16,10 +16,10 @@ Memory-bandwidth details (checked on the compiled sm_90 code by ``tests/devft/ag
   each call), the kernel is told so (``VEC``) and loads/stores 16 bytes per instruction.
 - **Clients unrolled** (``unroll``): the loads of ``unroll`` clients are issued before their products are
   added, for more bytes in flight per thread; the sum still runs over clients in order.
-- **Little host work.** The block tables depend only on the run lengths and are cached on the device;
-  the per-call addresses and weights travel in one host→device copy. :func:`prepare_weighted_sum_triton`
-  does the host work once and returns a launcher, for repeated sums over the same buffers (and for timing
-  the kernel alone).
+- **Little host work.** The block tables depend only on the run lengths and are cached on the device; the
+  client addresses travel in one host→device copy per call, the weights in another that does not block
+  the host. :func:`prepare_weighted_sum_triton` does the host work once and returns a launcher, for
+  repeated sums over the same buffers (and for timing the kernel alone).
 
 Fused extras:
 
@@ -36,6 +36,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -130,8 +131,9 @@ def _kernel(interpret: bool) -> Any:
 
 def interpreting() -> bool:
     """Whether CPU tensors may run through Triton's interpreter (``TRITON_INTERPRET=1``, read now)."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read only the environment
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on") or bool(
-        triton.knobs.runtime.interpret)
+        knobs is not None and knobs.runtime.interpret)
 
 
 _TABLES: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
@@ -198,21 +200,23 @@ class KernelConfig:
 
 @dataclass
 class _Launch:
-    """One dtype group's kernel launch: its non-empty runs, their client addresses and the output."""
+    """One dtype group's kernel launch: its non-empty runs, each client's buffer of each, their addresses
+    on the device, the block tables and the output."""
 
     group: Group
     flat: torch.Tensor  # output in the accumulation dtype, all of the group's keys back to back
     runs: list[int]
+    elements: list[list[torch.Tensor]]  # [client][run], contiguous (kept alive: the addresses point into them)
     addresses: np.ndarray  # int64 [clients, runs]
     vec: int
-    proto: torch.Tensor | None
+    ptrs: torch.Tensor | None = None  # the addresses on the device (set once all groups are prepared)
 
 
 class PreparedWeightedSum:
     """The host-side work of ``Σ_k w_k · x_k`` over fixed buffers, done once: checks, dtype groups, runs,
-    client addresses, block tables and outputs. :meth:`launch` then only copies the weights and addresses
-    to the device and launches the kernels (no host sync), so it can be called again with other weights
-    while the buffers stay alive and unchanged."""
+    client addresses (copied to the device here), block tables and outputs. :meth:`launch` then only
+    launches the kernels, so it can be called again with other weights while the buffers stay alive at the
+    same addresses (their values may change). Each launch writes the same output buffers."""
 
     def __init__(self, updates: Sequence[Any], keys: Sequence[str] | None = None, *,
                  check_finite: bool = True, config: KernelConfig | None = None) -> None:
@@ -227,47 +231,64 @@ class PreparedWeightedSum:
         self.check_finite = check_finite
         self.flags = torch.zeros(len(self.sources), dtype=torch.int32, device=self.device)
         self.launches = [self._prepare(group) for group in self.groups]
+        table = [ln.addresses.reshape(-1) for ln in self.launches if ln.runs]
+        if table:
+            on_device = torch.from_numpy(np.concatenate(table)).to(self.device)  # one copy for every group
+            cut = 0
+            for ln in self.launches:
+                if ln.runs:
+                    ln.ptrs = on_device[cut : cut + ln.addresses.size]
+                    cut += ln.addresses.size
 
     def _prepare(self, group: Group) -> _Launch:
         flat = torch.empty(group.total, dtype=compute_dtype(group.dtype), device=self.device)
         keep = [j for j, n in enumerate(group.runs) if n > 0]
         runs = [group.runs[j] for j in keep]
         elements = [[els[j].contiguous() for j in keep] for els in group.elements]
-        group.elements = elements  # keeps contiguous copies (if any were made) alive for the launches
         addresses = np.asarray([[e.data_ptr() for e in els] for els in elements], dtype=np.int64)
         addresses = addresses.reshape(len(elements), len(runs))
         vec = VECTOR_BYTES // group.itemsize
         aligned = (not (addresses % VECTOR_BYTES).any() and all(n % vec == 0 for n in runs)
                    and flat.data_ptr() % VECTOR_BYTES == 0)
-        proto = elements[0][0] if runs else None
-        return _Launch(group, flat, runs, addresses, vec if aligned else 1, proto)
+        if runs:
+            block_tables(runs, self.config.block, self.device)  # built (and cached) now, not in launch
+        return _Launch(group, flat, runs, elements, addresses, vec if aligned else 1)
 
-    def launch(self, weights: Sequence[float], scale: torch.Tensor | None = None) -> list[tuple[Group, torch.Tensor]]:
-        """Launch the sums with ``weights`` (one finite float per client; times ``scale``, a float64 device
+    def device_weights(self, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """``weights`` as a float64 tensor on the device: a sequence or CPU tensor is checked (one finite
+        number per client) and copied without blocking the host; a tensor already on the device is used
+        as it is, unchecked (checking it would wait for the device)."""
+        if isinstance(weights, torch.Tensor) and weights.device == self.device and self.device.type != "cpu":
+            if weights.dtype != torch.float64 or weights.shape != (len(self.sources),):
+                raise ValueError(f"device weights must be float64 of shape ({len(self.sources)},), got "
+                                 f"{weights.dtype} of shape {tuple(weights.shape)}")
+            return weights
+        host = torch.tensor(check_weights(weights, len(self.sources)), dtype=torch.float64)
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def launch(self, weights: Sequence[float] | torch.Tensor,
+               scale: torch.Tensor | None = None) -> list[tuple[Group, torch.Tensor]]:
+        """Launch the sums with ``weights`` (see :meth:`device_weights`; times ``scale``, a float64 device
         tensor, when given) and return each group's flat output (accumulation dtype) without waiting for
-        the kernels. The addresses and the weights reach the device in one copy."""
-        n = len(self.sources)
-        host = [ln.addresses.reshape(-1) for ln in self.launches]
-        host.append(np.asarray(check_weights(weights, n), dtype=np.float64).view(np.int64))
-        buf = torch.from_numpy(np.concatenate(host)).to(self.device)
-        wdev = buf[-n:].view(torch.float64)
+        the kernels."""
+        wdev = self.device_weights(weights)
         if scale is not None:
             wdev = wdev * scale
-        if self.check_finite:
-            self.flags.zero_()
-        cut = 0
-        for ln in self.launches:
-            if not ln.runs:
-                continue
-            ptrs = buf[cut : cut + ln.addresses.size]
-            cut += ln.addresses.size
-            block_run, block_start, sizes, offsets = block_tables(ln.runs, self.config.block, self.device)
-            _kernel(self.device.type == "cpu")[(block_run.numel(),)](
-                ptrs, wdev.to(ln.flat.dtype), ln.flat, block_run, block_start, sizes, offsets, self.flags,
-                ln.proto, n, len(ln.runs),
-                BLOCK=self.config.block, CHECK_FINITE=self.check_finite, VEC=ln.vec, UNROLL=self.config.unroll,
-                num_warps=self.config.num_warps,
-            )
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            if self.check_finite:
+                self.flags.zero_()
+            for ln in self.launches:
+                if not ln.runs:
+                    continue
+                block_run, block_start, sizes, offsets = block_tables(ln.runs, self.config.block, self.device)
+                _kernel(self.device.type == "cpu")[(block_run.numel(),)](
+                    ln.ptrs, wdev.to(ln.flat.dtype), ln.flat, block_run, block_start, sizes, offsets, self.flags,
+                    ln.elements[0][0], len(self.sources), len(ln.runs),
+                    BLOCK=self.config.block, CHECK_FINITE=self.check_finite, VEC=ln.vec,
+                    UNROLL=self.config.unroll, num_warps=self.config.num_warps,
+                )
         return [(ln.group, ln.flat) for ln in self.launches]
 
     def vector_widths(self) -> dict[torch.dtype, int]:
@@ -303,10 +324,10 @@ def _clip_factors(prepared: PreparedWeightedSum, clip_norm: float) -> torch.Tens
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     sq = torch.zeros(len(prepared.sources), dtype=torch.float64, device=prepared.device)
-    for group in prepared.groups:
-        for k, els in enumerate(group.elements):
-            if els:
-                norms = torch._foreach_norm(els, 2, dtype=torch.float32)  # one fused launch per client
+    for ln in prepared.launches:
+        for k, els in enumerate(ln.elements):
+            if els:  # one fused launch per client and dtype, in fp64: an fp64 key's factor keeps its precision
+                norms = torch._foreach_norm(els, 2, dtype=torch.float64)
                 sq[k] += torch.stack(norms).double().pow(2).sum()
     return torch.clamp(clip_norm / sq.sqrt(), max=1.0)
 

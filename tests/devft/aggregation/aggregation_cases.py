@@ -77,3 +77,16 @@ def weights_for(clients: int) -> list[float]:
     return [0.5 + 0.37 * k - (0.9 if k == 2 else 0.0) for k in range(clients)]  # one negative weight
 
 
+def mixed_dtype_updates(clients: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Updates with an fp16, an fp32 and an fp64 key each (clipping takes one norm over all of them)."""
+    out = []
+    for u in make_updates(clients, [(6, 5), (9,), (4, 4)], torch.float32, seed=seed):
+        out.append({"t0": u["t0"].half(), "t1": u["t1"], "t2": u["t2"].double()})
+    return out
+
+
+def clipped_expectation(updates, weights, clip):
+    norms = [sum(float(v.double().pow(2).sum()) for v in u.values()) ** 0.5 for u in updates]
+    factors = [min(1.0, clip / n) for n in norms]
+    assert min(factors) < 0.2 and max(factors) == 1.0  # one client clipped, one not
+    return independent(updates, [w * f for w, f in zip(weights, factors)])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aggregation_cases import CASES, TOLERANCES, independent, make_updates, weights_for
+from aggregation_cases import (
+    CASES,
+    TOLERANCES,
+    clipped_expectation,
+    independent,
+    make_updates,
+    mixed_dtype_updates,
+    weights_for,
+)
 from flwr.app import Array, ArrayRecord
 
 from devft.aggregation import (
@@ -96,6 +104,17 @@ def test_clipping_scales_each_client_by_its_global_norm(backend):
     for key in expected:
         torch.testing.assert_close(out[key].double(), expected[key], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(client_sq_norms(updates), torch.tensor(norms, dtype=torch.float64) ** 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_clipping_over_mixed_dtypes_uses_one_norm_per_client(backend):
+    updates = mixed_dtype_updates(3, seed=12)
+    updates[0] = {k: 40 * v for k, v in updates[0].items()}
+    expected = clipped_expectation(updates, [0.5, 0.25, 0.25], 20.0)
+    out = weighted_sum_many(updates, [0.5, 0.25, 0.25], clip_norm=20.0, backend=backend)
+    for key, (dtype, atol, rtol) in zip(("t0", "t1", "t2"), [TOLERANCES[1], TOLERANCES[0], TOLERANCES[3]]):
+        assert out[key].dtype == dtype
+        torch.testing.assert_close(out[key].double(), expected[key].to(dtype).double(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

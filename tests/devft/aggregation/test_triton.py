@@ -8,7 +8,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from aggregation_cases import CASES, TOLERANCES, independent, make_updates, weights_for  # noqa: E402
+from aggregation_cases import (  # noqa: E402
+    CASES,
+    TOLERANCES,
+    clipped_expectation,
+    independent,
+    make_updates,
+    mixed_dtype_updates,
+    weights_for,
+)
 
 from devft.aggregation import NonFiniteUpdateError, weighted_sum, weighted_sum_many  # noqa: E402
 from devft.aggregation.kernels import triton_wsum  # noqa: E402
@@ -147,6 +155,17 @@ def test_triton_clipping_matches_hand_computation():
         torch.testing.assert_close(out[key].double().cpu(), expected[key], atol=1e-5, rtol=1e-4)
 
 
+def test_triton_clipping_over_mixed_dtypes_uses_one_norm_per_client():
+    # fp16, fp32 and fp64 keys: one kernel per dtype, one clip factor per client over all of them
+    updates = mixed_dtype_updates(3, seed=12)
+    updates[0] = {k: 40 * v for k, v in updates[0].items()}
+    expected = clipped_expectation(updates, [0.5, 0.25, 0.25], 20.0)
+    out = weighted_sum_many(on_device(updates), [0.5, 0.25, 0.25], clip_norm=20.0, backend="triton")
+    for key, (dtype, atol, rtol) in zip(("t0", "t1", "t2"), [TOLERANCES[1], TOLERANCES[0], TOLERANCES[3]]):
+        assert out[key].dtype == dtype
+        torch.testing.assert_close(out[key].double().cpu(), expected[key].to(dtype).double(), atol=atol, rtol=rtol)
+
+
 def test_triton_single_tensor_entry_point():
     tensors = [t["t0"] for t in make_updates(4, [(13, 11)], torch.float32, seed=8)]
     out = weighted_sum([t.to(DEVICE) for t in tensors], [0.7, 0.1, 0.1, 0.1], backend="triton")
@@ -172,10 +191,10 @@ def test_triton_on_gpu_at_lora_scale_matches_torch_backend():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,atol,rtol", [t for t in TOLERANCES if t[0] != torch.float64])
 @pytest.mark.parametrize("config", [dict(), dict(block=1024, unroll=2), dict(block=4096, num_warps=8, unroll=4),
                                     dict(block=8192, num_warps=8, unroll=3)])
-def test_triton_on_gpu_every_launch_config_aligned_or_not(dtype, config):
+def test_triton_on_gpu_every_launch_config_aligned_or_not(dtype, atol, rtol, config):
     # aligned LoRA-like tensors take 16-byte accesses; views one element into a buffer must not
     cfg = triton_wsum.KernelConfig(**config)
     aligned = [{k: v.cuda().to(dtype) for k, v in u.items()}
@@ -184,8 +203,14 @@ def test_triton_on_gpu_every_launch_config_aligned_or_not(dtype, config):
     shifted = [{"x": b[1:10001], "y": b[10001:].view(100, 100)} for b in backing]
     weights = [0.3, -0.2, 0.5, 0.25, 0.15]
     for updates, vec in ((aligned, 16 // torch.tensor([], dtype=dtype).element_size()), (shifted, 1)):
-        assert set(triton_wsum.prepare_weighted_sum_triton(updates, config=cfg).vector_widths().values()) == {vec}
+        prepared = triton_wsum.prepare_weighted_sum_triton(updates, config=cfg)
+        assert set(prepared.vector_widths().values()) == {vec}
         out = triton_wsum.weighted_sum_many_triton(updates, weights, config=cfg)
-        ref = weighted_sum_many(updates, weights, backend="reference")
-        for key in ref:
-            torch.testing.assert_close(out[key].float(), ref[key].float(), atol=2e-3, rtol=2e-3)
+        expected = independent([{k: v.cpu() for k, v in u.items()} for u in updates], weights)
+        for key in expected:  # the kernel fuses w·x + acc (one rounding): compare with fp64, not the reference
+            torch.testing.assert_close(out[key].double().cpu(), expected[key].to(dtype).double(), atol=atol, rtol=rtol)
+        # weights already on the device are used as they are, with no copy
+        on_device = [flat.clone() for _, flat in prepared.launch(weights)]
+        again = prepared.launch(torch.tensor(weights, dtype=torch.float64, device="cuda"))
+        for first, (_, second) in zip(on_device, again):
+            assert torch.equal(first, second)
