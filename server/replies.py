@@ -86,4 +86,6 @@ def parse_train_reply(
         validate_updates([record], [num_examples], expected=expected, rank_free=rank_free, check_finite=True)
     except InvalidUpdateError as err:
         raise InvalidReply(str(err).removeprefix("client 0, ")) from err
+    except (ValueError, TypeError) as err:  # anything else unreadable is this reply's fault, not the round's
+        raise InvalidReply(f"unreadable arrays: {err}") from err
     return ClientUpdate(node_id=node, partition_id=-1, num_examples=int(num_examples), record=record, metrics=metrics)

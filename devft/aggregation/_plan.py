@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
+from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
 from devft.aggregation.packed import PackedSource
 from devft.aggregation.sources import FLOAT_DTYPES, ITEMSIZE, NpyLayout, RecordSource, Source
 
@@ -98,7 +98,10 @@ def plan_groups(
     for i, key in enumerate(keys):
         if not ref.has(key):
             raise InvalidUpdateError("missing", client=0, key=key)
-        dtype, shape = ref.meta(key)
+        try:
+            dtype, shape = ref.meta(key)
+        except UnsupportedArrayError as err:
+            raise InvalidUpdateError(str(err), client=0, key=key) from err
         if dtype not in FLOAT_DTYPES:
             raise InvalidUpdateError(f"dtype {dtype} is not a float dtype", client=0, key=key)
         if i == 0:
@@ -142,15 +145,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def split_output(flat: torch.Tensor, group: Group, out_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` (cast once to ``out_dtype`` or the group's dtype) per key, in the key's shape."""
+def split_output(flat: torch.Tensor, group: Group, out_dtype: torch.dtype | None,
+                 check_finite: bool = False) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` (cast once to ``out_dtype`` or the group's dtype) per key, in the key's shape. With
+    ``check_finite`` an ``out_dtype`` the finite sums overflow raises (the group's own dtype is checked by
+    the backends, with :func:`cast_checked`, before this)."""
     target = out_dtype or group.dtype
     if flat.dtype != target:
-        flat = flat.to(target)
+        flat = cast_checked(flat, group, target) if check_finite and out_dtype is not None else flat.to(target)
     return {
         key: flat[off : off + n].view(shape)
         for key, shape, n, off in zip(group.keys, group.shapes, group.numels, group.offsets)
     }
+
+
+def cast_checked(flat: torch.Tensor, group: Group, target: torch.dtype) -> torch.Tensor:
+    """``flat`` (finite sums in the accumulation dtype) cast to ``target``; raises
+    :class:`NonFiniteUpdateError` naming the first key whose sum is too large for ``target`` (fp32 sums of
+    fp16 inputs, or a narrower ``out_dtype``)."""
+    out = flat.to(target)
+    if out is flat or torch.finfo(target).max >= torch.finfo(flat.dtype).max or is_finite(out):
+        return out
+    for key, n, off in zip(group.keys, group.numels, group.offsets):
+        if not bool(torch.isfinite(out[off : off + n]).all()):
+            raise NonFiniteUpdateError(f"the weighted sum overflows {str(target).removeprefix('torch.')}", key=key)
+    raise NonFiniteUpdateError(f"the weighted sum overflows {str(target).removeprefix('torch.')}")
+
+
+def narrows(group: Group) -> bool:
+    """Whether the group's sums are accumulated in a wider dtype than the group's own (fp16, bf16)."""
+    return compute_dtype(group.dtype) != group.dtype
 
 
 def is_finite(flat: torch.Tensor) -> bool:

@@ -19,3 +19,9 @@ class InvalidUpdateError(ValueError):
 
 class NonFiniteUpdateError(InvalidUpdateError):
     """A client's reply holds NaN or Inf (or the weighted sum overflowed; then ``client`` is None)."""
+
+
+class UnsupportedArrayError(ValueError):
+    """An array devft cannot aggregate in place (not numpy-serialised, not a little-endian float, a
+    malformed header, fewer bytes than the header promises, …). Code that knows whose reply it is reading
+    re-raises it as an :class:`InvalidUpdateError` naming the client and key."""

@@ -163,6 +163,7 @@ def _record_from_flats(flats: list, order: list[str]) -> ArrayRecord:
 
     arrays = {}
     for group, flat in flats:
+        _numpy_dtype(group.dtype, group.keys[0] if group.keys else "?")  # refuses bfloat16, naming a key
         data = memoryview(flat.to(group.dtype).numpy()).cast("B")
         isz = group.itemsize
         dtype_str, dtype_name = _DTYPE_STRS[group.dtype], _DTYPE_NAMES[group.dtype]

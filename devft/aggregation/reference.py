@@ -7,18 +7,20 @@ against them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from devft.aggregation._plan import check_weights, compute_dtype
-from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
-from devft.aggregation.sources import as_sources
+from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
+from devft.aggregation.sources import FLOAT_DTYPES, as_sources
 
 
 def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Return ``Σ_k weights[k] · tensors[k]``, accumulated in fp32, in the dtype of ``tensors[0]``.
+    """Return ``Σ_k weights[k] · tensors[k]``, accumulated in fp32 (fp64 when ``tensors[0]`` is fp64), in the
+    dtype of ``tensors[0]``.
 
     All tensors must have the same shape; ``len(weights) == len(tensors) >= 1``.
     """
@@ -28,11 +30,11 @@ def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[fl
     if w.numel() != len(tensors):
         raise ValueError(f"weighted_sum got {len(tensors)} tensors but {w.numel()} weights")
     shape = tensors[0].shape
-    acc = torch.zeros(shape, dtype=torch.float32, device=tensors[0].device)
+    acc = torch.zeros(shape, dtype=compute_dtype(tensors[0].dtype), device=tensors[0].device)
     for k, t in enumerate(tensors):
         if t.shape != shape:
             raise ValueError(f"weighted_sum tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        acc += float(w[k]) * t.to(torch.float32)
+        acc += float(w[k]) * t.to(acc.dtype)
     return acc.to(tensors[0].dtype)
 
 
@@ -62,7 +64,12 @@ def weighted_sum_many_reference(
         for key in keys:
             if not src.has(key):
                 raise InvalidUpdateError("missing", client=c, key=key)
-            row[key] = src.tensor(key)
+            try:
+                row[key] = src.tensor(key)
+            except UnsupportedArrayError as err:
+                raise InvalidUpdateError(str(err), client=c, key=key) from err
+            if row[key].dtype not in FLOAT_DTYPES:
+                raise InvalidUpdateError(f"dtype {row[key].dtype} is not a float dtype", client=c, key=key)
         tensors.append(row)
     for key in keys:
         for c, row in enumerate(tensors):
@@ -77,7 +84,10 @@ def weighted_sum_many_reference(
             raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
         for c, row in enumerate(tensors):
             norm = sum(float(t.double().pow(2).sum()) for t in row.values()) ** 0.5
-            w[c] *= min(1.0, clip_norm / norm) if norm > 0 else 1.0
+            if not math.isfinite(norm):  # an overflowing norm: NaN, which the finite check reports
+                w[c] = float("nan")
+            else:
+                w[c] *= min(1.0, clip_norm / norm) if norm > 0 else 1.0
     out = {}
     for key in keys:
         dtype = tensors[0][key].dtype
@@ -87,4 +97,7 @@ def weighted_sum_many_reference(
         if check_finite and not bool(torch.isfinite(acc).all()):
             raise NonFiniteUpdateError("the weighted sum overflowed although every input is finite", key=key)
         out[key] = acc.to(out_dtype or dtype)
+        if check_finite and not bool(torch.isfinite(out[key]).all()):
+            raise NonFiniteUpdateError(
+                f"the weighted sum overflows {str(out[key].dtype).removeprefix('torch.')}", key=key)
     return out

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from devft.aggregation.errors import InvalidUpdateError
+from devft.aggregation.errors import InvalidUpdateError, UnsupportedArrayError
 
 NPY_STYPE = "numpy.ndarray"
 _MAGIC = b"\x93NUMPY"
@@ -50,10 +50,6 @@ def buffer_address(data: Any) -> int:
             return id(data) + _BYTES_DATA_OFFSET
         return int(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0)
     return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
-
-
-class UnsupportedArrayError(ValueError):
-    """An array devft cannot aggregate in place (not numpy-serialised, not a little-endian float, …)."""
 
 
 @dataclass(frozen=True)
@@ -91,27 +87,40 @@ def parse_npy_header(data: bytes | memoryview, key: str = "?") -> NpyLayout:
     else:
         raise UnsupportedArrayError(f"array {key!r} has .npy format version {major}, expected 1, 2 or 3")
     header = bytes(data[: start + hlen])
-    cached = _HEADER_CACHE.get(header)
-    if cached is not None:
-        return cached
-    text = header[start:].decode("utf-8" if major == 3 else "latin1")
-    meta = ast.literal_eval(text)  # a dict of literals, never code
+    layout = _HEADER_CACHE.get(header)
+    if layout is None:
+        layout = _parse_header_dict(header, start, major, key)
+        if len(_HEADER_CACHE) < 65536:
+            _HEADER_CACHE[header] = layout
+    if len(data) < layout.end:  # checked for every buffer: a cached header says nothing of this one's length
+        raise UnsupportedArrayError(f"array {key!r} holds {len(data)} bytes, fewer than its header promises "
+                                    f"({layout.end})")
+    return layout
+
+
+def _parse_header_dict(header: bytes, start: int, major: int, key: str) -> NpyLayout:
+    """The layout a ``.npy`` header's dict describes; anything malformed is an :class:`UnsupportedArrayError`."""
+    text = header[start:].decode("utf-8" if major == 3 else "latin1", errors="replace")
+    malformed = UnsupportedArrayError(f"array {key!r} has a malformed .npy header {text!r}")
+    try:
+        meta = ast.literal_eval(text)  # a dict of literals, never code
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
+        raise malformed from err
     if not isinstance(meta, dict) or not {"descr", "fortran_order", "shape"} <= set(meta):
-        raise UnsupportedArrayError(f"array {key!r} has a malformed .npy header {text!r}")
-    descr = meta["descr"]
-    if not isinstance(descr, str) or np.dtype(descr).str not in _NPY_DTYPES:
+        raise malformed
+    shape, fortran_order, descr = meta["shape"], meta["fortran_order"], meta["descr"]
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape) \
+            or not isinstance(fortran_order, bool):
+        raise malformed
+    try:
+        dtype_str = np.dtype(descr).str if isinstance(descr, str) else None
+    except TypeError:
+        dtype_str = None
+    if dtype_str not in _NPY_DTYPES:
         raise UnsupportedArrayError(
             f"array {key!r} has dtype {descr!r}; aggregation reads little-endian float16/32/64 only"
         )
-    layout = NpyLayout.make(
-        _NPY_DTYPES[np.dtype(descr).str], tuple(int(s) for s in meta["shape"]), start + hlen,
-        bool(meta["fortran_order"]), header,
-    )
-    if len(data) < layout.end:
-        raise UnsupportedArrayError(f"array {key!r} holds {len(data)} bytes, fewer than its header promises")
-    if len(_HEADER_CACHE) < 65536:
-        _HEADER_CACHE[header] = layout
-    return layout
+    return NpyLayout.make(_NPY_DTYPES[dtype_str], shape, len(header), fortran_order, header)  # data follows it
 
 
 def npy_view(data: bytes, layout: NpyLayout) -> torch.Tensor:

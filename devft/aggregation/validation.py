@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError
+from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
 from devft.aggregation.sources import FLOAT_DTYPES, as_sources
 
 __all__ = ["InvalidUpdateError", "NonFiniteUpdateError", "normalized_weights", "validate_updates"]
@@ -64,46 +64,52 @@ def validate_updates(
     if weights is not None:
         normalized_weights(weights, len(updates))
     sources = as_sources(updates)
-    if expected is None:
-        ref = sources[0]
-        expected = {k: ref.meta(k)[1] for k in ref.keys()}
-    exp_keys = set(expected)
-    dtypes: dict[str, torch.dtype] = {}
-    for c, src in enumerate(sources):
-        keys = set(src.keys())
-        if keys != exp_keys:
-            missing, extra = sorted(exp_keys - keys), sorted(keys - exp_keys)
-            raise InvalidUpdateError(
-                f"keys differ from the expected {len(exp_keys)}: missing {missing[:3]}"
-                f"{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}",
-                client=c,
-            )
-        ranks: dict[str, int] = {}
-        for key, shape in expected.items():
-            dtype, got = src.meta(key)
-            want = tuple(int(s) for s in shape)
-            if dtype not in FLOAT_DTYPES:
-                raise InvalidUpdateError(f"dtype {dtype} is not a float dtype", client=c, key=key)
-            if dtypes.setdefault(key, dtype) != dtype:
-                raise InvalidUpdateError(f"dtype {dtype} differs from client 0's {dtypes[key]}", client=c, key=key)
-            dim = _lora_rank_dim(key) if rank_free else None
-            if dim is None:
-                if got != want:
-                    raise InvalidUpdateError(f"shape {got}, expected {want}", client=c, key=key)
-                continue
-            if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != dim):
-                shown = tuple("r" if i == dim else s for i, s in enumerate(want))
-                raise InvalidUpdateError(f"shape {got}, expected {shown} (any rank r)", client=c, key=key)
-            if got[dim] < 1:
-                raise InvalidUpdateError(f"shape {got} has rank 0", client=c, key=key)
-            module = key.replace(".lora_A", "").replace(".lora_B", "")
-            if ranks.setdefault(module, got[dim]) != got[dim]:
-                raise InvalidUpdateError(
-                    f"rank {got[dim]} differs from the rank {ranks[module]} of the other factor of this module",
-                    client=c, key=key,
-                )
-    if check_finite:
+    c, key = 0, None  # where an unreadable array is found, for the error (the loops below move them)
+    try:
+        if expected is None:
+            ref = sources[0]
+            expected = {}
+            for key in ref.keys():
+                expected[key] = ref.meta(key)[1]
+        exp_keys = set(expected)
+        dtypes: dict[str, torch.dtype] = {}
         for c, src in enumerate(sources):
-            for key in expected:
-                if not bool(torch.isfinite(src.tensor(key)).all()):
-                    raise NonFiniteUpdateError("holds NaN or Inf values", client=c, key=key)
+            keys = set(src.keys())
+            if keys != exp_keys:
+                missing, extra = sorted(exp_keys - keys), sorted(keys - exp_keys)
+                raise InvalidUpdateError(
+                    f"keys differ from the expected {len(exp_keys)}: missing {missing[:3]}"
+                    f"{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}",
+                    client=c,
+                )
+            ranks: dict[str, int] = {}
+            for key, shape in expected.items():
+                dtype, got = src.meta(key)
+                want = tuple(int(s) for s in shape)
+                if dtype not in FLOAT_DTYPES:
+                    raise InvalidUpdateError(f"dtype {dtype} is not a float dtype", client=c, key=key)
+                if dtypes.setdefault(key, dtype) != dtype:
+                    raise InvalidUpdateError(f"dtype {dtype} differs from client 0's {dtypes[key]}", client=c, key=key)
+                dim = _lora_rank_dim(key) if rank_free else None
+                if dim is None:
+                    if got != want:
+                        raise InvalidUpdateError(f"shape {got}, expected {want}", client=c, key=key)
+                    continue
+                if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != dim):
+                    shown = tuple("r" if i == dim else s for i, s in enumerate(want))
+                    raise InvalidUpdateError(f"shape {got}, expected {shown} (any rank r)", client=c, key=key)
+                if got[dim] < 1:
+                    raise InvalidUpdateError(f"shape {got} has rank 0", client=c, key=key)
+                module = key.replace(".lora_A", "").replace(".lora_B", "")
+                if ranks.setdefault(module, got[dim]) != got[dim]:
+                    raise InvalidUpdateError(
+                        f"rank {got[dim]} differs from the rank {ranks[module]} of the other factor of this module",
+                        client=c, key=key,
+                    )
+        if check_finite:
+            for c, src in enumerate(sources):
+                for key in expected:
+                    if not bool(torch.isfinite(src.tensor(key)).all()):
+                        raise NonFiniteUpdateError("holds NaN or Inf values", client=c, key=key)
+    except UnsupportedArrayError as err:
+        raise InvalidUpdateError(str(err), client=c, key=key) from err

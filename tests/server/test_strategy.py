@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from inprocess_grid import InProcessGrid
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -295,7 +295,8 @@ def _reply(request: Message, arrays: dict[str, torch.Tensor], num_examples, pid:
     return Message(content=content, reply_to=request)
 
 
-def test_aggregate_train_weights_by_examples_and_drops_invalid_replies(smoke_config, private_env, tmp_path):
+def _strategy_in_round_one(smoke_config, tmp_path):
+    """A strategy after configure_train of round 1 on 4 clients: (strategy, submodel LoRA, request by partition)."""
     from server.global_model import GlobalModel
     from server.run_dir import RunDirectory
     from server.strategy import DevFTStrategy, RunState
@@ -314,7 +315,11 @@ def test_aggregate_train_weights_by_examples_and_drops_invalid_replies(smoke_con
     assert len(requests) == 4
     for m in requests:
         m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
-    by_pid = {strategy.node_to_partition[m.metadata.dst_node_id]: m for m in requests}
+    return strategy, sub, {strategy.node_to_partition[m.metadata.dst_node_id]: m for m in requests}
+
+
+def test_aggregate_train_weights_by_examples_and_drops_invalid_replies(smoke_config, private_env, tmp_path):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
     ones = {k: torch.ones_like(v) for k, v in sub.items()}
     threes = {k: 3 * torch.ones_like(v) for k, v in sub.items()}
     bad = dict(ones)
@@ -330,6 +335,22 @@ def test_aggregate_train_weights_by_examples_and_drops_invalid_replies(smoke_con
     for key, array in arrays.items():
         assert torch.allclose(torch.from_numpy(array.numpy()), torch.full(sub[key].shape, 1.5))  # (30·1 + 10·3) / 40
     assert sorted(f.partition_id for f in strategy._round.failures) == [2, 3]
+
+
+def test_unreadable_arrays_are_a_rejected_reply_not_a_failed_round(smoke_config, private_env, tmp_path):
+    # a buffer cut short after the same header was read from a good reply, and a header that is not a literal
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    replies = [_reply(by_pid[p], ones, 10, p) for p in range(4)]
+    first = next(iter(sub))
+    for pid, edit in ((2, lambda d: d[:-8]), (3, lambda d: d.replace(b"'<f4'", b"xyz4 ", 1))):
+        arrays = replies[pid].content["arrays"]
+        arr = arrays[first]
+        arrays[first] = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=edit(arr.data))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 2
+    reasons = {f.partition_id: f.reason for f in strategy._round.failures}
+    assert "fewer than its header promises" in reasons[2] and "malformed .npy header" in reasons[3]
 
 
 def test_query_round_needs_a_partition_id(private_env):

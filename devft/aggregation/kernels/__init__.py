@@ -125,7 +125,7 @@ def weighted_sum_many(
 def weighted_sum(
     tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Return ``Σ_k weights[k] · tensors[k]``, accumulated in fp32, in the dtype of ``tensors[0]``.
+    """Return ``Σ_k weights[k] · tensors[k]``, accumulated in fp32 (fp64 for fp64), in the dtype of ``tensors[0]``.
 
     The contract of :func:`devft.aggregation.reference.weighted_sum_reference` (same shapes, one weight
     per tensor, any real weights), dispatched to the fastest backend for the tensors' device. Tensors that

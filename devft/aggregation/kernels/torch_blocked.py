@@ -33,10 +33,12 @@ import torch
 
 from devft.aggregation._plan import (
     Group,
+    cast_checked,
     check_weights,
     compute_dtype,
     gc_paused,
     is_finite,
+    narrows,
     plan_groups,
     raise_nonfinite,
     split_output,
@@ -217,21 +219,19 @@ def client_sq_norms_torch(updates: Sequence[Any], keys: Sequence[str] | None = N
 
 def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_bytes: int,
               threads: int) -> torch.Tensor:
-    parts: list[torch.Tensor] = []
-    lock = threading.Lock()
+    parts: dict[tuple[int, int], torch.Tensor] = {}  # (group, first element) → that block's squares
 
-    def accumulate(start: int, count: int, block: torch.Tensor) -> None:
-        # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
-        part = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
-        with lock:
-            parts.append(part)
+    for g, group in enumerate(groups):
+        def accumulate(start: int, count: int, block: torch.Tensor, g: int = g) -> None:
+            # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
+            parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
 
-    for group in groups:
         if group.total > 0:
             _for_each_block(group, device, block_bytes, threads, accumulate)
     if not parts:
         return torch.zeros(clients, dtype=torch.float64, device=device)
-    return torch.stack(parts).sum(dim=0)
+    # summed in block order, not in the order threads finished: the same norms for any thread count
+    return torch.stack([parts[k] for k in sorted(parts)]).sum(dim=0)
 
 
 def weighted_sum_many_torch(
@@ -256,7 +256,7 @@ def weighted_sum_many_torch(
                                         check_finite=check_finite, block_bytes=block_bytes, threads=threads)
         out: dict[str, torch.Tensor] = {}
         for group, flat in flats:
-            out.update(split_output(flat, group, out_dtype))
+            out.update(split_output(flat, group, out_dtype, check_finite))
         order = list(keys) if keys is not None else as_source(updates[0]).keys()
         return {k: out[k] for k in order}
 
@@ -296,8 +296,11 @@ def weighted_sum_flat_torch(
                     torch.mv(block.t(), wvec, out=flat[start : start + count])  # (count, clients) · (clients,)
 
                 _for_each_block(group, device, block_bytes, threads, reduce)
-            if group.total > 0 and check_finite and not is_finite(flat):
-                raise_nonfinite(sources, group, flat)
+            if group.total > 0 and check_finite:
+                if not is_finite(flat):
+                    raise_nonfinite(sources, group, flat)
+                if narrows(group):
+                    cast_checked(flat, group, group.dtype)  # fp16 sums beyond 65504 would become Inf
             flats.append((group, flat))
         return flats
 
