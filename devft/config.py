@@ -95,10 +95,10 @@ class FederationSettings:
             )
         if self.target_eval_loss < 0 or not math.isfinite(self.target_eval_loss):
             raise ValueError(f"federation.target_eval_loss must be >= 0, got {self.target_eval_loss!r}")
-        if self.client_cpus <= 0:
-            raise ValueError(f"federation.client_cpus must be > 0, got client_cpus={self.client_cpus!r}")
-        if self.client_gpus < 0:
-            raise ValueError(f"federation.client_gpus must be >= 0, got client_gpus={self.client_gpus!r}")
+        if not (self.client_cpus > 0 and math.isfinite(self.client_cpus)):
+            raise ValueError(f"federation.client_cpus must be a finite number > 0, got client_cpus={self.client_cpus!r}")
+        if not (self.client_gpus >= 0 and math.isfinite(self.client_gpus)):
+            raise ValueError(f"federation.client_gpus must be a finite number >= 0, got client_gpus={self.client_gpus!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"federation.wire_dtype must be one of {WIRE_DTYPES}, got wire_dtype={self.wire_dtype!r}")
         if self.wire_format not in WIRE_FORMATS:

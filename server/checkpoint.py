@@ -42,9 +42,14 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     path = directory / CHECKPOINT_FILE
     if not path.exists():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version={payload.get('format_version')!r}, expected {FORMAT_VERSION}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file, whatever torch says about it
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it was not written by a "
+                         "complete save (those are atomic): restore it or start a new run directory") from err
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise ValueError(f"checkpoint {path} has format_version={version!r}, expected {FORMAT_VERSION}")
     return payload
 
 

@@ -3,7 +3,7 @@
 A reply is accepted only if it carries no error, exactly the LoRA keys the aggregation rule expects with the
 expected shapes (in either wire format: one array per tensor or packed), a wire dtype (float32 / float16),
 finite values, and a MetricRecord with a positive
-integer ``num-examples``. Anything else raises :class:`InvalidReply` inside :func:`parse_train_reply` and
+integer ``num-examples`` (at most 2**53) and a finite ``train-loss``. Anything else raises :class:`InvalidReply` inside :func:`parse_train_reply` and
 is recorded as a failure of that client: it never reaches the global model.
 """
 
@@ -21,6 +21,7 @@ from devft.aggregation import InvalidUpdateError, validate_updates
 from devft.aggregation.sources import UnsupportedArrayError, as_source
 
 WIRE_DTYPES = (torch.float32, torch.float16)
+MAX_EXAMPLES = 2**53  # integers a float64 holds exactly; the example-weighted sums stay finite
 
 
 class InvalidReply(ValueError):
@@ -70,8 +71,11 @@ def parse_train_reply(
     num_examples = metrics.get("num-examples")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples):
         raise InvalidReply(f"metric num-examples must be a number, got {num_examples!r}")
-    if num_examples <= 0 or int(num_examples) != num_examples:
-        raise InvalidReply(f"metric num-examples must be a positive integer, got {num_examples!r}")
+    if num_examples <= 0 or int(num_examples) != num_examples or num_examples > MAX_EXAMPLES:
+        raise InvalidReply(f"metric num-examples must be a positive integer <= 2**53, got {num_examples!r}")
+    loss = metrics.get("train-loss")
+    if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
+        raise InvalidReply(f"metric train-loss must be a finite number, got {loss!r}")
     record = next(iter(content.array_records.values()))
     try:  # either wire format (one array per tensor, or packed); read in place, never deserialised
         source = as_source(record)

@@ -8,11 +8,14 @@ so the file always matches the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -93,9 +96,22 @@ class RunDirectory:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl. A last line cut short (the process died while appending it) is left
+        out: its round was not checkpointed either. A bad line before the last raises, naming the file."""
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        text = self.metrics.read_text()
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    log.warning("%s: line %d is incomplete (an interrupted write); left out", self.metrics, n)
+                    break
+                raise ValueError(f"{self.metrics}: line {n} is not JSON ({err})") from err
+        return rows
 
     def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
         """Keep only rows with ``round <= last_round`` (atomically); return them."""

@@ -48,7 +48,7 @@ from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from server.global_model import GlobalModel, StagePlan
 from server.metering import wire_bytes
-from server.replies import ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
+from server.replies import MAX_EXAMPLES, ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
 from server.run_dir import RunDirectory
 from server.sampling import discover_partitions, sample_partitions
 
@@ -58,6 +58,18 @@ CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def number(row: Mapping[str, Any], key: str) -> float:
+    """``row[key]`` as a float; 0 where a metrics row holds null (a non-finite value is written as null)."""
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def non_finite_parts(state: ServerState) -> list[str]:
+    """Names of the LoRA tensors and base-delta modules of an aggregated state that hold NaN/Inf."""
+    bad = [k for k, v in state.lora.items() if not bool(torch.isfinite(v).all())]
+    return bad + [m for m, d in state.base_delta.items() if not bool(torch.isfinite(d.materialize()).all())]
 
 RESUME_MAY_CHANGE = frozenset(
     {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
@@ -120,6 +132,7 @@ class _RoundLog:
     updates: list[ClientUpdate] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)
     aggregated: bool = False
+    skipped: str | None = None  # why the update was skipped, when it was
     aggregate_s: float = 0.0
     client_eval: dict[str, float] = field(default_factory=dict)
     base_delta: dict[str, BaseDelta] | None = None  # the aggregated base delta (None: unchanged)
@@ -253,6 +266,11 @@ class DevFTStrategy(Strategy):
             self._round.bytes_up += size
             node = reply.metadata.src_node_id
             pid = self.node_to_partition.get(node)
+            if pid not in self._round.sampled or pid in answered:  # Flower pairs replies; this is a backstop
+                why = "a second reply this round" if pid in answered else "a reply from a node not sampled this round"
+                log.warning("round %d: %s (node %d, partition %s) ignored", server_round, why, node, pid)
+                self._round.failures.append(ClientFailure(node, pid, why))
+                continue
             answered.add(pid)
             try:
                 update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks)
@@ -271,6 +289,7 @@ class DevFTStrategy(Strategy):
         updates = sorted(self._round.updates, key=lambda u: u.partition_id)  # fixed order: reproducible sums
         metrics = self._train_metrics(updates)
         if len(updates) < self.fed.min_replies:
+            self._round.skipped = f"{len(updates)} valid replies < federation.min_replies={self.fed.min_replies}"
             log.warning(
                 "round %d: %d valid replies < federation.min_replies=%d: update skipped",
                 server_round,
@@ -281,6 +300,13 @@ class DevFTStrategy(Strategy):
         start = time.perf_counter()
         new_state = self.rule.aggregate(rule_state, [u.record for u in updates], [u.num_examples for u in updates])
         self._round.aggregate_s = time.perf_counter() - start
+        bad = non_finite_parts(new_state)
+        if bad:  # finite replies whose aggregate overflows (e.g. B·A of huge factors): the model keeps its state
+            log.warning("round %d: the %s aggregate is not finite in %s: update skipped", server_round,
+                        self.rule.name, bad[:3])
+            self._round.skipped = (f"the {self.rule.name} aggregate of this round's replies is not finite in "
+                                   f"{len(bad)} tensor(s), e.g. {bad[0]}")
+            return None, metrics
         self._round.aggregated = True
         self._round.base_delta = new_state.base_delta
         return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics
@@ -328,7 +354,7 @@ class DevFTStrategy(Strategy):
                 continue
             metrics = next(iter(reply.content.metric_records.values()), None) or {}
             loss, n, acc = metrics.get("eval-loss"), metrics.get("num-examples"), metrics.get("eval-accuracy")
-            if isinstance(loss, float) and isinstance(n, int | float) and n > 0 and math.isfinite(loss):
+            if isinstance(loss, float) and isinstance(n, int | float) and 0 < n <= MAX_EXAMPLES and math.isfinite(loss):
                 rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None))
         if not rows:
             return {}, 0
@@ -558,8 +584,10 @@ class DevFTStrategy(Strategy):
         r = self._round
         ok = sorted(r.updates, key=lambda u: u.partition_id)
 
-        def values(key: str) -> list[float]:
-            return [float(u.metrics[key]) for u in ok if isinstance(u.metrics.get(key), int | float)]
+        def values(key: str) -> list[float]:  # a client's number, when it sent a finite one
+            found = (u.metrics.get(key) for u in ok)
+            return [float(v) for v in found if isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v)]
 
         train_s, flops, rss = values("train-s"), values("train-flops"), values("peak-rss-mb")
         total = sum(u.num_examples for u in ok)
@@ -572,6 +600,7 @@ class DevFTStrategy(Strategy):
             "clients_ok": len(ok),
             "clients_failed": len(r.failures),
             "aggregated": r.aggregated,
+            "skipped": r.skipped,
             "sampled_partitions": r.sampled,
             "failures": [{"partition": f.partition_id, "reason": f.reason} for f in r.failures],
             "bytes_up": r.bytes_up,
@@ -605,10 +634,10 @@ class DevFTStrategy(Strategy):
         if target > 0:
             cumulative = {"wall_s": 0.0, "bytes": 0.0, "train_flops": 0.0, "client_train_s": 0.0}
             for row in rows:
-                cumulative["wall_s"] += float(row["round_wall_s"])
-                cumulative["bytes"] += float(row["bytes_up"]) + float(row["bytes_down"])
-                cumulative["train_flops"] += float(row["train_flops"])
-                cumulative["client_train_s"] += float(row["client_train_s_sum"])
+                cumulative["wall_s"] += number(row, "round_wall_s")
+                cumulative["bytes"] += number(row, "bytes_up") + number(row, "bytes_down")
+                cumulative["train_flops"] += number(row, "train_flops")
+                cumulative["client_train_s"] += number(row, "client_train_s_sum")
                 if row.get("eval_loss") is not None and row["eval_loss"] <= target:
                     reached = {"round": row["round"], **cumulative}
                     break
@@ -625,11 +654,11 @@ class DevFTStrategy(Strategy):
             "rounds": len(rows),
             "wall_s": state.elapsed_s,
             "totals": {
-                "bytes_up": int(sum(r["bytes_up"] for r in rows)),
-                "bytes_down": int(sum(r["bytes_down"] for r in rows)),
-                "train_flops": float(sum(r["train_flops"] for r in rows)),
-                "client_train_s": float(sum(r["client_train_s_sum"] for r in rows)),
-                "clients_failed": int(sum(r["clients_failed"] for r in rows)),
+                "bytes_up": int(sum(number(r, "bytes_up") for r in rows)),
+                "bytes_down": int(sum(number(r, "bytes_down") for r in rows)),
+                "train_flops": float(sum(number(r, "train_flops") for r in rows)),
+                "client_train_s": float(sum(number(r, "client_train_s_sum") for r in rows)),
+                "clients_failed": int(sum(number(r, "clients_failed") for r in rows)),
                 "rounds_skipped": int(sum(1 for r in rows if not r["aggregated"])),
             },
             "final": {

@@ -56,7 +56,8 @@ class DataSettings:
             ):
                 raise ValueError(f"data.{name} must be an integer, got {name}={value!r}")
             setattr(self, name, int(value))
-        minimum = {"num_train": 1, "num_test": 1, "max_length": 2, "num_clients": 1, "families_per_client": 1}
+        minimum = {"num_train": 1, "num_test": 1, "max_length": 2, "num_clients": 1, "families_per_client": 1,
+                   "seed": 0}
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {name}={getattr(self, name)!r}")

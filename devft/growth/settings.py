@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from devft.growth.fusion import FUSION_MODES, LORA_FUSION_MODES
@@ -79,8 +80,10 @@ class GrowthSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"growth.{name} must be one of {allowed}, got {name}={getattr(self, name)!r}")
-        if not self.beta >= 0:
-            raise ValueError(f"growth.beta must be >= 0, got beta={self.beta!r}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"growth.beta must be a finite number >= 0, got beta={self.beta!r}")
+        if self.seed < 0:
+            raise ValueError(f"growth.seed must be >= 0, got seed={self.seed!r}")
         if self.calibration_sequences < 1:
             raise ValueError(
                 f"growth.calibration_sequences must be >= 1, got calibration_sequences={self.calibration_sequences!r}"

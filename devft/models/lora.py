@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ class LoraSettings:
         if int(self.r) != self.r or self.r <= 0:
             raise ValueError(f"lora.r must be a positive integer, got r={self.r!r}")
         self.r = int(self.r)
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got alpha={self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"lora.alpha must be a finite number > 0, got alpha={self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got dropout={self.dropout!r}")
 

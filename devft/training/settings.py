@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -23,6 +24,9 @@ class TrainSettings:
     seed: int = field(default=0, metadata={"help": "Seed of data order and dropout."})
 
     def __post_init__(self) -> None:
+        for name in ("lr", "epochs", "max_grad_norm", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {name}={getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got lr={self.lr!r}")
         if self.max_steps < 0:
@@ -39,6 +43,8 @@ class TrainSettings:
             raise ValueError(f"train.weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got warmup_steps={self.warmup_steps!r}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got seed={self.seed!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got schedule={self.schedule!r}")
 

@@ -41,6 +41,18 @@ def test_toml_and_overrides_with_kebab_keys_and_strings(tmp_path):
         ("nosuch.key", "1", "unknown config key 'nosuch.key'"),
         ("lora.rank", "1", "unknown config key 'lora.rank'"),
         ("federation.clients_per_round", "50", "clients_per_round=50 exceeds data.num_clients=10"),
+        # values that compare as "valid" but break later: non-finite numbers, negative seeds
+        ("train.lr", "inf", "train.lr must be a finite number, got lr=inf"),
+        ("train.weight_decay", "nan", "train.weight_decay must be a finite number, got weight_decay=nan"),
+        ("train.max_grad_norm", "nan", "train.max_grad_norm must be a finite number, got max_grad_norm=nan"),
+        ("train.epochs", "inf", "train.epochs must be a finite number, got epochs=inf"),
+        ("lora.alpha", "inf", "lora.alpha must be a finite number > 0, got alpha=inf"),
+        ("growth.beta", "inf", "growth.beta must be a finite number >= 0, got beta=inf"),
+        ("growth.seed", "-1", "growth.seed must be >= 0, got seed=-1"),
+        ("data.seed", "-1", "data.seed must be >= 0, got seed=-1"),
+        ("train.seed", "-1", "train.seed must be >= 0, got seed=-1"),
+        ("federation.client_cpus", "nan", "client_cpus must be a finite number > 0, got client_cpus=nan"),
+        ("federation.client_gpus", "inf", "client_gpus must be a finite number >= 0, got client_gpus=inf"),
     ],
 )
 def test_bad_values_name_the_field_and_the_value(key, value, message):

@@ -14,7 +14,7 @@ from inprocess_grid import InProcessGrid
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from devft.aggregation import record_tensors
+from devft.aggregation import ServerState, record_tensors
 from server.checkpoint import load_checkpoint
 from server.metering import serialise
 from server.sampling import discover_partitions, sample_partitions
@@ -295,13 +295,13 @@ def _reply(request: Message, arrays: dict[str, torch.Tensor], num_examples, pid:
     return Message(content=content, reply_to=request)
 
 
-def _strategy_in_round_one(smoke_config, tmp_path):
+def _strategy_in_round_one(smoke_config, tmp_path, **overrides):
     """A strategy after configure_train of round 1 on 4 clients: (strategy, submodel LoRA, request by partition)."""
     from server.global_model import GlobalModel
     from server.run_dir import RunDirectory
     from server.strategy import DevFTStrategy, RunState
 
-    config = smoke_config(federation__clients_per_round=4)
+    config = smoke_config(federation__clients_per_round=4, **overrides)
     model = GlobalModel(config, test=[])
     strategy = DevFTStrategy(config, RunDirectory(tmp_path), model)
     full = model.initial_lora()
@@ -351,6 +351,71 @@ def test_unreadable_arrays_are_a_rejected_reply_not_a_failed_round(smoke_config,
     assert arrays is not None and metrics["clients-ok"] == 2
     reasons = {f.partition_id: f.reason for f in strategy._round.failures}
     assert "fewer than its header promises" in reasons[2] and "malformed .npy header" in reasons[3]
+
+
+def _reply_with(request: Message, arrays: dict[str, torch.Tensor], metrics: dict) -> Message:
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
+                   reply_to=request)
+
+
+def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smoke_config, private_env, tmp_path):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    good = {"num-examples": 10, "train-loss": 1.0, "train-flops": float("inf"), "train-s": 2.0}
+    replies = [
+        _reply_with(by_pid[0], ones, good),  # accepted; its infinite FLOPs count are left out of the row
+        _reply_with(by_pid[1], ones, {"num-examples": 10, "train-loss": [1.0]}),
+        _reply_with(by_pid[2], ones, {"num-examples": 10}),
+        _reply_with(by_pid[3], ones, {"num-examples": 1e308, "train-loss": 1.0}),
+        _reply_with(by_pid[0], ones, good),  # a second reply of partition 0
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 1
+    reasons = [(f.partition_id, f.reason) for f in strategy._round.failures]
+    assert [p for p, _ in reasons] == [1, 2, 3, 0]
+    assert "train-loss must be a finite number, got [1.0]" in reasons[0][1] and "got None" in reasons[1][1]
+    assert "num-examples must be a positive integer <= 2**53, got 1e+308" in reasons[2][1]
+    assert reasons[3][1] == "a second reply this round"
+    row = strategy._row(1, 0, 4, 1.0, 0.0, {}, False)
+    assert row["train_flops"] == 0 and row["client_train_s_sum"] == 2.0 and row["skipped"] is None
+
+
+@pytest.mark.parametrize("rule,method", [("flora", "fedit"), ("fedex", "fedit"), ("svd", "fedit")])
+def test_an_aggregate_that_overflows_is_skipped_and_the_model_keeps_its_state(
+        rule, method, smoke_config, private_env, tmp_path):
+    # finite replies whose aggregate is not: B·A of 1e30-sized factors overflows fp32 (FLoRA and FedEx fold
+    # it into the base delta; SVD re-factors it, and its fp32 factors of 3e38-sized inputs overflow)
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path, federation__aggregation=rule,
+                                                   federation__method=method)
+    shapes = strategy.rule.expected_upload(ServerState(lora=dict(sub)))
+    value = 3e38 if rule == "svd" else 1e30
+    big = {k: torch.full(tuple(shape), value) for k, shape in shapes.items()}
+    replies = [_reply_with(by_pid[p], big, {"num-examples": 10, "train-loss": 1.0}) for p in range(4)]
+    before = {k: v.clone() for k, v in strategy.state.sub_lora.items()}
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and metrics["clients-ok"] == 4 and not strategy._round.aggregated
+    assert f"the {rule} aggregate of this round's replies is not finite" in strategy._round.skipped
+    assert strategy._round.base_delta is None
+    assert all(torch.equal(before[k], strategy.state.sub_lora[k]) for k in before)
+
+
+def test_a_torn_metrics_line_or_checkpoint_is_handled_by_name(tmp_path):
+    from server.checkpoint import CHECKPOINT_FILE
+    from server.run_dir import RunDirectory
+
+    (tmp_path / "run").mkdir()
+    run_dir = RunDirectory(tmp_path / "run")
+    for r in (1, 2):
+        run_dir.append_metrics({"round": r, "x": 1.0})
+    with run_dir.metrics.open("a") as fh:
+        fh.write('{"round": 3, "x"')  # the process died while appending round 3
+    assert [r["round"] for r in run_dir.truncate_metrics(2)] == [1, 2]
+    run_dir.metrics.write_text('{"round": 1}\n{"round": \n{"round": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        run_dir.read_metrics()
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / CHECKPOINT_FILE} cannot be read"):
+        load_checkpoint(tmp_path)
 
 
 def test_query_round_needs_a_partition_id(private_env):
