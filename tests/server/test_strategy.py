@@ -289,10 +289,13 @@ def test_sampling_is_reproducible_and_independent_of_node_ids(private_env):
         sample_partitions(0, 1, range(3), 4)
 
 
+def _reply_with(request: Message, arrays: dict[str, torch.Tensor], metrics: dict) -> Message:
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
+                   reply_to=request)
+
+
 def _reply(request: Message, arrays: dict[str, torch.Tensor], num_examples, pid: int) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": num_examples,
-                          "train-loss": 1.0, "partition-id": pid})})
-    return Message(content=content, reply_to=request)
+    return _reply_with(request, arrays, {"num-examples": num_examples, "train-loss": 1.0, "partition-id": pid})
 
 
 def _strategy_in_round_one(smoke_config, tmp_path, **overrides):
@@ -351,11 +354,6 @@ def test_unreadable_arrays_are_a_rejected_reply_not_a_failed_round(smoke_config,
     assert arrays is not None and metrics["clients-ok"] == 2
     reasons = {f.partition_id: f.reason for f in strategy._round.failures}
     assert "fewer than its header promises" in reasons[2] and "malformed .npy header" in reasons[3]
-
-
-def _reply_with(request: Message, arrays: dict[str, torch.Tensor], metrics: dict) -> Message:
-    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
-                   reply_to=request)
 
 
 def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smoke_config, private_env, tmp_path):
