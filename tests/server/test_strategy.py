@@ -176,6 +176,7 @@ def test_too_few_replies_skip_the_update(smoke_config, run_inprocess, tmp_path):
     run_inprocess(config, out)
     table = rows(out)
     assert [(r["clients_ok"], r["clients_failed"], r["aggregated"]) for r in table] == [(2, 2, False)] * 2
+    assert table[0]["skipped"] == "2 valid replies < federation.min_replies=3"
     reasons = sorted(f["reason"] for f in table[0]["failures"])
     assert "told to raise" in reasons[0] and "num-examples must be a positive integer" in reasons[1]
     # Nothing was aggregated: every B is still the initial zero.
