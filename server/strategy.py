@@ -356,6 +356,9 @@ class DevFTStrategy(Strategy):
             loss, n, acc = metrics.get("eval-loss"), metrics.get("num-examples"), metrics.get("eval-accuracy")
             if isinstance(loss, float) and isinstance(n, int | float) and 0 < n <= MAX_EXAMPLES and math.isfinite(loss):
                 rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None))
+            else:
+                log.warning("round %d: an evaluation reply with eval-loss=%r and num-examples=%r left out",
+                            server_round, loss, n)
         if not rows:
             return {}, 0
         total = sum(n for n, _, _ in rows)
