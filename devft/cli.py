@@ -30,9 +30,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from devft.config import load_config, parse_overrides
+    from devft.config import config_to_dict, load_config, parse_overrides
     from devft.reports import write_comparison
     from server.launch import simulate
+    from server.run_dir import RunDirectory
 
     out = Path(args.out)
     overrides = parse_overrides(args.set or [])
@@ -43,10 +44,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     run_dirs = []
     for name, config in configs:
         run_dir = out / name
-        if args.reuse and (run_dir / "summary.json").exists():
+        directory = RunDirectory(run_dir)
+        if args.reuse and directory.summary.exists():
+            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
+            if saved != json.loads(json.dumps(config_to_dict(config))):  # as config.json holds it
+                raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these --set "
+                                 "overrides; drop --reuse to run it again, or use another --out")
             print(f"reusing {run_dir}")
         else:
-            simulate(config, run_dir, resume=(run_dir / "checkpoint").exists())
+            simulate(config, run_dir, resume=directory.has_checkpoint())  # a torn first save is no checkpoint
         run_dirs.append(run_dir)
     table = write_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss)
     print(table.read_text())
@@ -80,7 +86,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {str(adapter)!r} holds no adapter_config.json (not a peft adapter)")
     loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
-    model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or modules of another model, a broken config
+        raise ValueError(f"--adapter {str(adapter)!r} does not load onto model.name={config.model.name!r}: "
+                         f"{' '.join(line.strip() for line in str(err).splitlines()[:2])}") from err
     data = build_federated_data(config.data)
     result = evaluate(model, loaded.tokenizer, data.test, config.eval, config.data.max_length)
     print(json.dumps({"eval_loss": result.loss, "eval_accuracy": result.accuracy,
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: FileNotFoundError, IsADirectoryError, …
         print(f"devft: error: {err}", file=sys.stderr)
         return 2
 

@@ -169,8 +169,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where} must be a list (or comma-separated string), got {value!r}")
         return tuple(_coerce(v, item, where) for v in value)
+    if isinstance(value, list | tuple | dict):  # a TOML array or table where one value belongs
+        raise ValueError(f"{where} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+    if isinstance(value, bool) and hint in (int, float):  # TOML true is not the number 1
+        raise ValueError(f"{where} expects {hint.__name__}, got {value!r}")
     try:
         if hint is bool:
+            if isinstance(value, float | int) and value not in (0, 1):
+                raise ValueError
             if isinstance(value, str):
                 if value.lower() in ("true", "1", "yes"):
                     return True
@@ -229,13 +235,16 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Flat values of a TOML config; a top-level ``extends = "other.toml"`` (relative to the file) is read
     first and overridden by the file's own values, so variants of a config name only what they change."""
-    if not path.exists():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist" if not path.exists()
+                                else f"config file {str(path)!r} is not a file")
     if path.resolve() in seen:
         raise ValueError(f"config file {str(path)!r} extends itself (cycle: {[str(p) for p in seen]})")
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     parent = raw.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise ValueError(f"config file {str(path)!r}: extends must be a file name (a string), got {parent!r}")
     values = _read_toml(path.parent / parent, (*seen, path.resolve())) if parent else {}
     values.update(flatten(raw))
     return values

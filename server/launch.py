@@ -45,13 +45,39 @@ def backend_config(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _clear_previous_run(directory: RunDirectory) -> None:
-    """Starting afresh in a directory that holds an earlier run: remove that run's files (only devft's)."""
+PREVIOUS_RUN = ".previous-run"  # inside the run directory: the earlier run, until the new one completes
+
+
+def set_aside_previous_run(directory: RunDirectory) -> Path | None:
+    """Starting afresh in a directory that holds an earlier run: move that run's files (only devft's) into
+    ``PREVIOUS_RUN`` there, so that nothing is lost if the new run fails; :func:`drop_previous_run` deletes
+    them once the new run has completed. A complete run (with its summary) always replaces an older set-aside
+    one; a partial run does not replace a complete one. Returns the set-aside folder, or None."""
     stale = [directory.path / name for name in _RUN_ARTIFACTS if (directory.path / name).exists()]
-    if stale:
-        log.warning("%s holds an earlier run: replacing it (use --resume to continue it instead)", directory.path)
+    if not stale:
+        return None
+    aside = directory.path / PREVIOUS_RUN
+    complete = directory.summary.exists()
+    if aside.exists() and not complete:  # a partial run over a set-aside complete one: keep the complete one
+        log.warning("%s holds a partial run (no summary): deleting it; the earlier complete run stays in %s",
+                    directory.path, aside)
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return aside
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.rename(aside / path.name)
+    log.warning("%s holds an earlier run: it is moved to %s and deleted when this run completes "
+                "(use --resume to continue it instead)", directory.path, aside)
+    return aside
+
+
+def drop_previous_run(aside: Path | None) -> None:
+    """Delete the set-aside earlier run (the new run has completed)."""
+    if aside is not None and aside.exists():
+        shutil.rmtree(aside)
 
 
 class _RoundBar:
@@ -90,21 +116,22 @@ def simulate(
 ) -> Path:
     """Run ``config`` on the simulation engine with one virtual SuperNode per data partition.
 
-    Writes the run directory of DESIGN.md §4 to ``out_dir`` (replacing an earlier run there unless
-    ``resume``) and returns its path. ``num_supernodes`` defaults to ``data.num_clients``.
+    Writes the run directory of DESIGN.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
+    earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when this one completes. ``num_supernodes`` defaults to ``data.num_clients``.
     """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import build_server_app
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, not a directory")
     directory = RunDirectory(out_dir)
     if resume and not directory.has_checkpoint():
         raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
     data = build_federated_data(config.data)
     global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
-    if not resume:
-        _clear_previous_run(directory)
+    aside = None if resume else set_aside_previous_run(directory)
     supernodes = num_supernodes or config.data.num_clients
     done = len(directory.read_metrics()) if resume else 0
     bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
@@ -135,6 +162,9 @@ def simulate(
         flwr_logger.propagate = propagate
         if bar is not None:
             bar.progress.stop()
+        if aside is not None and not directory.summary.exists():
+            log.warning("the earlier run is kept in %s", aside)
     if not directory.summary.exists():
         raise RuntimeError(f"the simulation ended without writing {directory.summary}: see the log above")
+    drop_previous_run(aside)
     return directory.path

@@ -8,16 +8,14 @@ so the file always matches the checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from devft.metrics.rows import METRICS_FILE, read_metrics_file
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -96,22 +94,9 @@ class RunDirectory:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl. A last line cut short (the process died while appending it) is left
-        out: its round was not checkpointed either. A bad line before the last raises, naming the file."""
-        if not self.metrics.exists():
-            return []
-        text = self.metrics.read_text()
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        rows = []
-        for i, (n, line) in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if i == len(lines) - 1 and not text.endswith("\n"):
-                    log.warning("%s: line %d is incomplete (an interrupted write); left out", self.metrics, n)
-                    break
-                raise ValueError(f"{self.metrics}: line {n} is not JSON ({err})") from err
-        return rows
+        """The rows of metrics.jsonl (:func:`devft.metrics.rows.read_metrics_file`: a last line cut short by
+        an interrupted write is left out; any other bad line raises, naming the file and line)."""
+        return read_metrics_file(self.metrics) if self.metrics.exists() else []
 
     def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
         """Keep only rows with ``round <= last_round`` (atomically); return them."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devft.metrics.rows import METRICS_FILE, read_metrics_file
+
 
 @dataclass
 class RunRecords:
@@ -20,14 +22,23 @@ class RunRecords:
     def label(self) -> str:
         return str(self.summary.get("label") or self.summary.get("method") or self.path.name)
 
+    def number(self, row: dict[str, Any], key: str) -> float | None:
+        """``row[key]`` as a float (None when not recorded); anything else is a corrupt row, named."""
+        value = row.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{self.path / METRICS_FILE}: round {row['round']}: {key}={value!r} is not a number")
+        return float(value)
+
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(rounds, values) of ``key`` over the rounds where it was recorded (not None)."""
         xs, ys = [], []
         for row in self.rounds:
-            value = row.get(key)
+            value = self.number(row, key)
             if value is not None:
                 xs.append(int(row["round"]))
-                ys.append(float(value))
+                ys.append(value)
         return xs, ys
 
     def cumulative(self, key: str) -> list[float]:
@@ -38,10 +49,10 @@ class RunRecords:
         """
         total, out = 0.0, []
         for row in self.rounds:
-            value = row.get(key)
+            value = self.number(row, key)
             if value is None and key == "client_train_s_sum":
-                value = float(row.get("client_train_s_mean") or 0.0) * int(row.get("clients_ok") or 0)
-            total += float(value or 0.0)
+                value = (self.number(row, "client_train_s_mean") or 0.0) * (self.number(row, "clients_ok") or 0.0)
+            total += value or 0.0
             out.append(total)
         return out
 
@@ -49,12 +60,19 @@ class RunRecords:
 def read_run(path: str | Path) -> RunRecords:
     """Load ``metrics.jsonl`` and ``summary.json`` (empty when the run did not finish) of a run directory."""
     path = Path(path)
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics} does not exist: is {str(path)!r} a devft run directory?")
-    rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rounds = read_metrics_file(metrics)
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary: Any = {}
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{summary_path} is not JSON ({err})") from err
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path} is not a JSON object")
     return RunRecords(path=path, rounds=rounds, summary=summary)
 
 

@@ -53,6 +53,11 @@ def test_toml_and_overrides_with_kebab_keys_and_strings(tmp_path):
         ("train.seed", "-1", "train.seed must be >= 0, got seed=-1"),
         ("federation.client_cpus", "nan", "client_cpus must be a finite number > 0, got client_cpus=nan"),
         ("federation.client_gpus", "inf", "client_gpus must be a finite number >= 0, got client_gpus=inf"),
+        # TOML values of the wrong kind are refused, not coerced
+        ("lora.r", True, "lora.r expects int, got True"),
+        ("growth.beta", False, "growth.beta expects float, got False"),
+        ("model.name", ["a"], "model.name expects str, got \\['a'\\]"),
+        ("eval.generate", 0.5, "eval.generate expects bool, got 0.5"),
     ],
 )
 def test_bad_values_name_the_field_and_the_value(key, value, message):
@@ -72,3 +77,12 @@ def test_describe_lists_every_section_with_help():
     for section in ("[model]", "[lora]", "[data]", "[train]", "[eval]", "[growth]", "[federation]"):
         assert section in text
     assert "LoRA rank r" in text
+
+
+def test_extends_must_name_a_file_and_a_config_must_be_one(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("extends = 5\n")
+    with pytest.raises(ValueError, match="extends must be a file name"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_config(tmp_path)

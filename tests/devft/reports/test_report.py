@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from devft.reports import cost_to_target, read_run, write_comparison, write_report
 
 
@@ -42,3 +44,24 @@ def test_report_and_comparison_files(tmp_path):
     assert table.count("\n| devft |") == 1 and table.count("\n| fedit |") == 1
     for name in ("round", "client_flops", "client_seconds", "bytes"):
         assert (tmp_path / "cmp" / "plots" / f"eval_loss_vs_{name}.png").exists()
+
+
+@pytest.mark.parametrize("metrics,summary,match", [
+    ('{"round": 1}\nnot json\n{"round": 3}\n', None, r"metrics.jsonl: line 2 is not JSON"),
+    ('[1, 2]\n', None, r"metrics.jsonl: line 1 is not a metrics row"),
+    ('{"eval_loss": 1.0}\n', None, r"metrics.jsonl: line 1 is not a metrics row"),
+    ('{"round": 1, "eval_loss": "abc"}\n', None, r"round 1: eval_loss='abc' is not a number"),
+    ('{"round": 1}\n', "[1, 2]", r"summary.json is not a JSON object"),
+    ('{"round": 1}\n', "{", r"summary.json is not JSON"),
+])
+def test_a_damaged_run_directory_is_named_not_a_traceback(tmp_path, metrics, summary, match):
+    (tmp_path / "metrics.jsonl").write_text(metrics)
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(ValueError, match=match):
+        read_run(tmp_path).series("eval_loss")
+
+
+def test_an_interrupted_last_line_is_left_out(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "eval_loss": 2.0}\n{"round": 2, "eval_lo')
+    assert read_run(tmp_path).series("eval_loss") == ([1], [2.0])
