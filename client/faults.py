@@ -1,8 +1,9 @@
 """TEST HOOK: make a chosen client misbehave, to test that the server survives bad clients.
 
 Enabled only through ``federation.fault_injection = "PARTITION:MODE,…"`` (empty in every real config).
-Modes: ``raise`` (the ClientApp raises), ``nan`` (a LoRA tensor full of NaN), ``shape`` (a tensor with a
-wrong shape), ``keys`` (a tensor missing), ``no-examples`` (``num-examples`` = 0).
+Modes: ``raise`` (the ClientApp raises), ``nan`` (a LoRA tensor full of NaN), ``huge`` (every LoRA tensor
+multiplied by 1e6: finite, valid, and far too large; what ``federation.max_update_norm*`` bounds), ``shape``
+(a tensor with a wrong shape), ``keys`` (a tensor missing), ``no-examples`` (``num-examples`` = 0).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def corrupt_reply(
         raise InjectedFault("fault injection: this client was told to raise")
     if mode == "nan":
         state[first] = torch.full_like(state[first], float("nan"))
+    elif mode == "huge":
+        state = {k: v * 1e6 for k, v in state.items()}
     elif mode == "shape":
         state[first] = torch.zeros(state[first].shape[0] + 1, *state[first].shape[1:], dtype=state[first].dtype)
     elif mode == "keys":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devft.aggregation.norm_bound import check_bound_settings
 from devft.aggregation.packed import WIRE_FORMATS
 from devft.data.settings import DataSettings
 from devft.growth.settings import GrowthSettings
@@ -25,7 +26,7 @@ from devft.training.settings import EvalSettings, TrainSettings
 
 METHODS = ("devft", "fedit", "progfed")
 WIRE_DTYPES = ("float32", "float16")
-FAULT_MODES = ("raise", "nan", "shape", "keys", "no-examples")
+FAULT_MODES = ("raise", "nan", "huge", "shape", "keys", "no-examples")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -75,6 +76,17 @@ class FederationSettings:
         metadata={"help": "CPU threads of the server's weighted sum (>= 1); more pay on an idle many-core "
                   "server (docs/benchmarks.md)."},
     )
+    max_update_norm: float = field(
+        default=0.0,
+        metadata={"help": "Norm bound on each client's update (Sun et al. 2019): a reply that moved further than "
+                  "this (L2, from the LoRA it received; flora: its s·B·A) is scaled back onto the bound "
+                  "before aggregation; 0 = no bound."},
+    )
+    max_update_norm_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Relative norm bound: ratio × the round's median update norm (>= 1; 0 = off); with "
+                  "max_update_norm too, the smaller bound applies."},
+    )
     fault_injection: str = field(
         default="",
         metadata={
@@ -107,6 +119,7 @@ class FederationSettings:
         if self.aggregation_threads < 1:
             raise ValueError(
                 f"federation.aggregation_threads must be >= 1, got aggregation_threads={self.aggregation_threads!r}")
+        check_bound_settings(self.max_update_norm, self.max_update_norm_ratio, prefix="federation.")
         if not self.reply_timeout_s > 0:
             raise ValueError(f"federation.reply_timeout_s must be > 0, got reply_timeout_s={self.reply_timeout_s!r}")
         self.faults()  # validates fault_injection

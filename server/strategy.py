@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from devft.aggregation import BaseDelta, ServerState, record_state, wire_record
+from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
 from devft.models import LoraState
@@ -134,6 +135,10 @@ class _RoundLog:
     aggregated: bool = False
     skipped: str | None = None  # why the update was skipped, when it was
     aggregate_s: float = 0.0
+    update_norms: dict[int, float] = field(default_factory=dict)  # partition → ‖update‖ (norm_bound.py)
+    update_norm_bound: float | None = None  # this round's bound (None: federation.max_update_norm* unset)
+    update_norm_s: float = 0.0
+    clipped: list[dict[str, float]] = field(default_factory=list)  # replies scaled back onto the bound
     client_eval: dict[str, float] = field(default_factory=dict)
     base_delta: dict[str, BaseDelta] | None = None  # the aggregated base delta (None: unchanged)
 
@@ -298,7 +303,18 @@ class DevFTStrategy(Strategy):
             )
             return None, metrics
         start = time.perf_counter()
-        new_state = self.rule.aggregate(rule_state, [u.record for u in updates], [u.num_examples for u in updates])
+        bounded = bound_updates(self.rule, rule_state, [u.record for u in updates],
+                                max_norm=self.fed.max_update_norm, ratio=self.fed.max_update_norm_ratio)
+        self._round.update_norms = {u.partition_id: n for u, n in zip(updates, bounded.norms)}
+        self._round.update_norm_bound = bounded.bound
+        for i in bounded.clipped:
+            pid, norm, scale = updates[i].partition_id, bounded.norms[i], bounded.scales[i]
+            log.warning("round %d: the update of partition %d has norm %.4g > bound %.4g: scaled by %.3g",
+                        server_round, pid, norm, bounded.bound, scale)
+            self._round.clipped.append({"partition": pid, "norm": norm, "scale": scale})
+        self._round.update_norm_s = time.perf_counter() - start
+        start = time.perf_counter()
+        new_state = self.rule.aggregate(rule_state, bounded.updates, [u.num_examples for u in updates])
         self._round.aggregate_s = time.perf_counter() - start
         bad = non_finite_parts(new_state)
         if bad:  # finite replies whose aggregate overflows (e.g. B·A of huge factors): the model keeps its state
@@ -614,6 +630,11 @@ class DevFTStrategy(Strategy):
             "client_train_s_sum": sum(train_s),
             "round_wall_s": round_wall_s,
             "aggregate_s": r.aggregate_s,
+            "update_norm_s": r.update_norm_s,
+            "update_norm_median": statistics.median_low(r.update_norms.values()) if r.update_norms else None,
+            "update_norm_max": max(r.update_norms.values()) if r.update_norms else None,
+            "update_norm_bound": r.update_norm_bound,
+            "clipped": r.clipped,
             "eval_s": eval_s,
             "peak_rss_mb": max(rss) if rss else None,
             "train_loss": sum(u.num_examples * float(u.metrics["train-loss"]) for u in ok) / total if ok else None,
@@ -663,6 +684,7 @@ class DevFTStrategy(Strategy):
                 "client_train_s": float(sum(number(r, "client_train_s_sum") for r in rows)),
                 "clients_failed": int(sum(number(r, "clients_failed") for r in rows)),
                 "rounds_skipped": int(sum(1 for r in rows if not r["aggregated"])),
+                "updates_clipped": int(sum(len(r.get("clipped") or ()) for r in rows)),
             },
             "final": {
                 "round": last.get("round"),

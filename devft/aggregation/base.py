@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from devft.aggregation.kernels import weighted_sum_many
+from devft.aggregation.norm_bound import distances, moved_towards
 from devft.aggregation.packed import packed_nbytes
 from devft.aggregation.records import payload_nbytes
 from devft.aggregation.sources import as_sources
@@ -270,6 +271,20 @@ class AggregationRule:
             return {}
         return weighted_sum_many(updates, p, keys=keys, check_finite=self.check_finite, backend=self.backend,
                                  threads=self.threads)
+
+    # ---- norm bounding (devft.aggregation.norm_bound) ----------------------------------------------------
+    def update_origin(self, state: ServerState, source: Any) -> dict[str, torch.Tensor]:
+        """The uploaded tensors as the client received them this round (what its reply is an update of)."""
+        return {k: state.lora[k] for k in self.upload_keys(state.lora)}
+
+    def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
+        """``‖x_k − o_k‖₂`` of each reply over its uploaded tensors: how far each client moved from
+        :meth:`update_origin` (one pass over the replies)."""
+        return distances(sources, self.update_origin(state, sources[0])) if sources else []
+
+    def scale_update(self, state: ServerState, source: Any, factor: float) -> dict[str, torch.Tensor]:
+        """The reply with its update scaled by ``factor`` (``o + factor · (x − o)``), as new tensors."""
+        return moved_towards(source, self.update_origin(state, source), factor)
 
     def downlink(self, state: ServerState, *, full: bool = False, rank: int | None = None) -> dict[str, torch.Tensor]:
         """Tensors to send to a client this round. ``full`` also sends what a client already holds (the

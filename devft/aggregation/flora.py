@@ -16,7 +16,9 @@ Client: :func:`~devft.aggregation.client_side.set_base_delta`, then
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +31,7 @@ from devft.aggregation.base import (
     lora_part,
     register,
 )
+from devft.aggregation.norm_bound import moved_towards
 from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
 
@@ -55,6 +58,26 @@ class FLoRA(AggregationRule):
                 state.base_delta[module] = zero.plus((self.alpha / a.shape[0]) * b.float(), a.float())
                 state.lora[kb] = torch.zeros_like(b)
         return state
+
+    def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
+        """``(Σ_modules ‖s B_k A_k‖_F²)^{1/2}`` of each reply: what it folds into the model (its LoRA started
+        at ``B = 0``). ``‖B A‖_F² = Σ (BᵀB) ⊙ (A Aᵀ)``: ``r × r`` products, no ``d_out × d_in`` matrix."""
+        modules = lora_modules(self.upload_keys(state.lora)).values()
+        out = []
+        for source in sources:
+            total = 0.0
+            for ka, kb in modules:
+                a, b = source.tensor(ka).double(), source.tensor(kb).double()  # (r, d_in), (d_out, r)
+                s = self.alpha / a.shape[0]
+                total += s * s * float(((b.T @ b) * (a @ a.T)).sum())
+            out.append(math.sqrt(max(total, 0.0)))  # rounding can make a zero product's sum -1e-300
+        return out
+
+    def scale_update(self, state: ServerState, source: Any, factor: float) -> dict[str, torch.Tensor]:
+        """The reply with every B scaled by ``factor`` (so each ``s B A`` is), A unchanged."""
+        modules = lora_modules(self.upload_keys(state.lora))
+        origins = {kb: torch.zeros(()) for _, kb in modules.values()}  # B started at 0
+        return moved_towards(source, origins, factor)
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
         sources = as_sources(updates)

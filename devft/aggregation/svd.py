@@ -17,10 +17,13 @@ Client: load A and B (of its rank), train, send both.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from devft.aggregation.base import AggregationRule, ServerState, Update, lora_modules, lora_part, register
+from devft.aggregation.norm_bound import distances
 from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
 
@@ -88,6 +91,28 @@ class SVD(AggregationRule):
             lora[kb] = new_b.to(prev_b.dtype)
         info = {"svd_tail_rel_max": max(tails, default=0.0), "svd_tail_rel_mean": sum(tails) / max(1, len(tails))}
         return ServerState(lora=lora, base_delta=dict(state.base_delta), info=info)
+
+    def update_origin(self, state: ServerState, source: Any) -> dict[str, torch.Tensor]:
+        """What a client of the reply's rank received: the top components of the global adapters."""
+        keys = self.upload_keys(state.lora)
+        sent = self.downlink(state, rank=self._reply_rank(state, source))
+        return {k: sent[k] for k in keys}
+
+    def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
+        """Each reply's distance from what its rank received (one pass per rank)."""
+        ranks = [self._reply_rank(state, src) for src in sources]
+        out = [0.0] * len(sources)
+        for rank in sorted(set(ranks), key=str):
+            chosen = [i for i, r in enumerate(ranks) if r == rank]
+            norms = distances([sources[i] for i in chosen], self.update_origin(state, sources[chosen[0]]))
+            for i, norm in zip(chosen, norms):
+                out[i] = norm
+        return out
+
+    def _reply_rank(self, state: ServerState, source: Any) -> int | None:
+        """The LoRA rank of a reply (of its first A), None when it has no LoRA A."""
+        keys = self.upload_keys(state.lora)
+        return next((source.meta(k)[1][0] for k in keys if (lora_part(k) or ("", ""))[1] == "lora_A"), None)
 
     def downlink(self, state: ServerState, *, full: bool = False, rank: int | None = None) -> dict[str, torch.Tensor]:
         """The global adapters, or their top ``rank`` components rescaled to the client's ``alpha / rank``."""

@@ -20,7 +20,10 @@ clients send by default). In one run, per case, interleaved repeats time:
 - ``copy``: a plain ``copy_`` of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
   bandwidth does not depend on size past the caches) with the same number of threads;
 - ``gather``: for information, a copy of the received arrays' bytes themselves into one buffer, one
-  memoryview assignment per array (the least any Python code touching every received array pays).
+  memoryview assignment per array (the least any Python code touching every received array pays);
+- ``norms``: for information, what norm bounding (``federation.max_update_norm*``) adds before the sum:
+  ``devft.aggregation.norm_bound.bound_updates`` measuring every packed client's distance from the global
+  LoRA (FedIT; no client clipped). ``norms_vs_ours`` = ``norms_s / ours_s``.
 
 Each case prints one line ending ``speedup_vs_flower=<x> bandwidth_fraction=<y>``, where
 ``speedup_vs_flower = flower_s / ours_s`` (each side with its own default payload; ``speedup_same_payload``
@@ -121,7 +124,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
-    from devft.aggregation import aggregate_arrayrecords, record_tensors
+    from devft.aggregation import aggregate_arrayrecords, get_rule, record_tensors
+    from devft.aggregation.norm_bound import bound_updates
     from devft.aggregation.packed import MANIFEST_KEY
 
     clients = len(records)
@@ -155,10 +159,18 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
             offset += len(mv)
 
     gather()
+    # norm bounding (federation.max_update_norm*): each client's distance from the global LoRA it received
+    rule = get_rule("fedit", alpha=16.0)
+    state = rule.init_state({k: 0.5 * v for k, v in record_tensors(records[0]).items()})
+
+    def norms() -> object:
+        return bound_updates(rule, state, packed, max_norm=1e30)
+
+    norms()
     ours_out = record_tensors(aggregate_arrayrecords(packed, counts, threads=agg_threads))  # warm-up (and the result checked below)
     aggregate_arrayrecords(records, counts, threads=agg_threads)
     times: dict[str, list[float]] = {"copy": [], "ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
-                                     "gather": []}
+                                     "gather": [], "norms": []}
     cpu: dict[str, list[float]] = {"copy": [], "ours": [], "flower": []}
     flower_out = None
 
@@ -175,6 +187,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
         run("ours", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads))
         run("ours_arrays", lambda: aggregate_arrayrecords(records, counts, threads=agg_threads))
         run("gather", gather)
+        run("norms", norms)
         if rep < flower_repeats:
             flower_out = run("flower", lambda: flower_aggregate(replies, "num-examples"))
             run("flower_packed", lambda: flower_aggregate(packed_replies, "num-examples"))
@@ -190,7 +203,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     return {
         "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
         "flower_s": med["flower"], "flower_packed_s": med["flower_packed"], "ours_arrays_s": med["ours_arrays"],
-        "ours_s": med["ours"], "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
+        "ours_s": med["ours"], "norms_s": med["norms"], "norms_vs_ours": med["norms"] / med["ours"],
+        "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
         "ours_gbps": ours_bps / 1e9, "copy_gbps": copy_bps / 1e9, "gather_gbps": gather_bytes / med["gather"] / 1e9,
         "max_rel_diff_vs_flower": worst / scale if scale else worst,
         "speedup_same_payload": med["flower_packed"] / med["ours"],
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, fh, indent=1)
 
     keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
-            "ours_s", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
+            "ours_s", "norms_s", "norms_vs_ours", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
             "speedup_vs_flower", "bandwidth_fraction"]
     gpu_keys = ["clients", "rank", "total_gb", "dcopy_s", "kernel_s", "call_s", "checked_call_s", "torch_s",

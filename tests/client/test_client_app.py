@@ -138,6 +138,7 @@ def test_fault_injection_modes():
     metrics = {"num-examples": 5}
     assert corrupt_reply(None, state, metrics) == (state, metrics)
     assert torch.isnan(corrupt_reply("nan", state, metrics)[0]["a"]).all()
+    assert all(torch.equal(v, torch.full_like(v, 1e6)) for v in corrupt_reply("huge", state, metrics)[0].values())
     assert corrupt_reply("shape", state, metrics)[0]["a"].shape == (3, 3)
     assert set(corrupt_reply("keys", state, metrics)[0]) == {"b"}
     assert corrupt_reply("no-examples", state, metrics)[1]["num-examples"] == 0

@@ -184,6 +184,35 @@ def test_too_few_replies_skip_the_update(smoke_config, run_inprocess, tmp_path):
     assert all(not v.any() for k, v in final.items() if "lora_B" in k)
 
 
+def test_a_huge_update_is_scaled_back_onto_the_norm_bound(smoke_config, run_inprocess, tmp_path):
+    # Partition 1 multiplies its LoRA by 1e6: finite and well-formed, so every reply check lets it through.
+    def run(name, **overrides):
+        run_inprocess(smoke_config(federation__clients_per_round=4, **overrides), tmp_path / name)
+        return rows(tmp_path / name)
+
+    unbounded = run("unbounded", federation__fault_injection="1:huge")
+    assert unbounded[0]["update_norm_max"] > 1e5 * unbounded[0]["update_norm_median"]
+    assert unbounded[0]["clipped"] == [] and unbounded[0]["update_norm_bound"] is None
+    assert any(r["clients_ok"] == 0 for r in unbounded)  # the global model was wrecked: every client failed
+
+    bounded = run("bounded", federation__fault_injection="1:huge", federation__max_update_norm_ratio=3.0)
+    for r in bounded:
+        assert r["aggregated"] and (r["clients_ok"], r["clients_failed"]) == (4, 0)
+        assert r["update_norm_bound"] == pytest.approx(3 * r["update_norm_median"])
+        (clip,) = r["clipped"]
+        assert clip["partition"] == 1 and clip["scale"] == pytest.approx(r["update_norm_bound"] / clip["norm"])
+    clean = run("clean")
+    assert bounded[-1]["eval_loss"] == pytest.approx(clean[-1]["eval_loss"], abs=0.02)
+    assert json.loads((tmp_path / "bounded" / "summary.json").read_text())["totals"]["updates_clipped"] == 4
+
+    # a bound no honest update reaches changes nothing: replies within it are aggregated untouched
+    loose = run("loose", federation__max_update_norm=1e3)
+    assert all(r["clipped"] == [] and r["update_norm_bound"] == 1e3 for r in loose)
+    assert [r["update_norm_max"] for r in loose] == [r["update_norm_max"] for r in clean]
+    final, ref = adapter(tmp_path / "loose"), adapter(tmp_path / "clean")
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
 def test_garbage_replies_never_reach_the_global_model(smoke_config, run_inprocess, tmp_path):
     faults = {0: ("nan", "NaN or Inf"), 1: ("shape", "shape"), 2: ("keys", "keys differ")}
     spec = ",".join(f"{p}:{mode}" for p, (mode, _) in faults.items())
@@ -719,6 +748,13 @@ def test_aggregation_threads_reach_the_rule_and_bad_values_are_refused(smoke_con
     assert method_rule(smoke_config()).threads == 1
     with pytest.raises(ValueError, match=r"federation.aggregation_threads must be >= 1, got aggregation_threads=0"):
         smoke_config(federation__aggregation_threads=0)
+
+
+def test_bad_norm_bounds_are_refused_by_name(smoke_config):
+    with pytest.raises(ValueError, match=r"federation.max_update_norm must be a finite number >= 0 .* got max_update_norm=-1"):
+        smoke_config(federation__max_update_norm=-1.0)
+    with pytest.raises(ValueError, match=r"federation.max_update_norm_ratio must be 0 \(off\) or .* got max_update_norm_ratio=0.5"):
+        smoke_config(federation__max_update_norm_ratio=0.5)
 
 
 def test_fedsa_runs_with_every_method_but_not_with_devfts_svd_lora_fusion(smoke_config, private_env):

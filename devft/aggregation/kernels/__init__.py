@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -145,6 +145,8 @@ def weighted_sum(
     return weighted_sum_many(updates, weights, check_finite=False, backend=backend)["x"]
 
 
-def client_sq_norms(updates: Sequence[Any], keys: Sequence[str] | None = None) -> torch.Tensor:
-    """``‖x_k‖²`` of each client over all ``keys`` (fp64, one pass; what norm clipping needs first)."""
-    return client_sq_norms_torch(updates, keys)
+def client_sq_norms(updates: Sequence[Any], keys: Sequence[str] | None = None,
+                    origin: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``‖x_k‖²`` of each client over all ``keys`` (fp64, one pass; what norm clipping needs first), or
+    ``‖x_k − o‖²`` with ``origin`` ``{key: o}`` (what norm bounding needs: how far each client moved)."""
+    return client_sq_norms_torch(updates, keys, origin=origin)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -208,21 +208,41 @@ def _accumulate(group: Group, weights: list[float], flat: torch.Tensor, block_by
 
 
 def client_sq_norms_torch(updates: Sequence[Any], keys: Sequence[str] | None = None,
-                          block_bytes: int = DEFAULT_BLOCK_BYTES, threads: int | None = None) -> torch.Tensor:
-    """``‖x_k‖²`` over all ``keys`` of each client, fp64, one pass over memory (clipping needs them first)."""
+                          block_bytes: int = DEFAULT_BLOCK_BYTES, threads: int | None = None,
+                          origin: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``‖x_k‖²`` over all ``keys`` of each client, fp64, one pass over memory (clipping needs them first);
+    ``‖x_k − o‖²`` with ``origin`` ``{key: o}`` (norm bounding: how far each client moved from ``o``)."""
     sources = as_sources(updates)
     threads = threads or default_threads()
     with gc_paused():
         groups, device = plan_groups(sources, keys, record_views=threads == 1)
-        return _sq_norms(groups, len(sources), device, block_bytes, threads)
+        centres = None if origin is None else [_flat_origin(origin, group, device) for group in groups]
+        return _sq_norms(groups, len(sources), device, block_bytes, threads, centres)
+
+
+def _flat_origin(origin: Mapping[str, torch.Tensor], group: Group, device: torch.device) -> torch.Tensor:
+    """``origin``'s tensors of ``group``'s keys back to back, in the group's compute dtype."""
+    parts = []
+    for key, numel in zip(group.keys, group.numels):
+        o = origin.get(key)
+        if o is None or o.numel() != numel:
+            got = "nothing" if o is None else f"{o.numel()} elements"
+            raise ValueError(f"origin of key {key!r} must have {numel} elements (the update's), got {got}")
+        parts.append(o.detach().reshape(-1).to(device=device, dtype=compute_dtype(group.dtype)))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=compute_dtype(group.dtype), device=device)
 
 
 def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_bytes: int,
-              threads: int) -> torch.Tensor:
+              threads: int, centres: list[torch.Tensor] | None = None) -> torch.Tensor:
     parts: dict[tuple[int, int], torch.Tensor] = {}  # (group, first element) → that block's squares
 
     for g, group in enumerate(groups):
-        def accumulate(start: int, count: int, block: torch.Tensor, g: int = g) -> None:
+        centre = None if centres is None else centres[g]
+
+        def accumulate(start: int, count: int, block: torch.Tensor, g: int = g,
+                       centre: torch.Tensor | None = centre) -> None:
+            if centre is not None:
+                block = block - centre[start : start + count]  # (clients, count) − (count,)
             # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
             parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
 
