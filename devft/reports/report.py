@@ -48,6 +48,11 @@ def write_report(run_dir: str | Path) -> Path:
                 f"{_fmt(totals.get('train_flops'), '.3e')} client training FLOPs, "
                 f"{_fmt(totals.get('client_train_s'), '.1f')} client training seconds"
             )
+        if totals and any(k in totals for k in ("clients_failed", "rounds_skipped", "updates_clipped")):
+            lines.append(
+                f"- {_fmt(totals.get('clients_failed'))} client failures, {_fmt(totals.get('rounds_skipped'))} "
+                f"rounds skipped, {_fmt(totals.get('updates_clipped'))} updates scaled back onto the norm bound"
+            )
     lines += ["", "## Rounds", ""]
     header = "| round | stage | layers | ok/sampled | failed | MiB up | MiB down | train loss | eval loss | eval acc | round s | agg s | peak RSS MiB |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -59,11 +64,27 @@ def write_report(run_dir: str | Path) -> Path:
             f"{_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_accuracy'))} | {_fmt(r.get('round_wall_s'), '.1f')} | "
             f"{_fmt(r.get('aggregate_s'), '.3f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |"
         )
+    lines += _incidents(run.rounds)
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     out = run.path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     log.info("report written to %s", out)
     return out
+
+
+def _incidents(rounds: list[dict]) -> list[str]:
+    """One bullet per failed client, skipped update or update scaled back onto the norm bound."""
+    lines = []
+    for r in rounds:
+        for f in r.get("failures") or ():
+            lines.append(f"- round {r.get('round')}: partition {f.get('partition')} failed: {f.get('reason')}")
+        if r.get("skipped"):
+            lines.append(f"- round {r.get('round')}: update skipped: {r['skipped']}")
+        for c in r.get("clipped") or ():
+            lines.append(f"- round {r.get('round')}: the update of partition {c.get('partition')} (norm "
+                         f"{_fmt(c.get('norm'))}) was scaled by {_fmt(c.get('scale'))} onto the bound "
+                         f"{_fmt(r.get('update_norm_bound'))}")
+    return ["", "## Failures, skipped updates and bounded updates", ""] + lines if lines else []
 
 
 def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eval_loss: float = 0.0) -> Path:

@@ -241,10 +241,12 @@ def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_byt
 
         def accumulate(start: int, count: int, block: torch.Tensor, g: int = g,
                        centre: torch.Tensor | None = centre) -> None:
-            if centre is not None:
-                block = block - centre[start : start + count]  # (clients, count) − (count,)
-            # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
-            parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
+            if centre is None:
+                # squares in fp64 (of fp32/fp16 data too): an fp64 key's clip factor keeps fp64 precision
+                parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
+            else:  # a distance for norm bounding: fp32 norms run 3x faster, and ~1e-6 relative is plenty
+                block.sub_(centre[start : start + count])  # (clients, count) − (count,), in the staging copy
+                parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1).double().pow(2)
 
         if group.total > 0:
             _for_each_block(group, device, block_bytes, threads, accumulate)

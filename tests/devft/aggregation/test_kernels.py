@@ -26,7 +26,7 @@ from devft.aggregation import (
     weighted_sum_reference,
 )
 from devft.aggregation.kernels import resolve_backend
-from devft.aggregation.kernels.torch_blocked import weighted_sum_many_torch
+from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weighted_sum_many_torch
 
 
 def as_records(updates) -> list[ArrayRecord]:
@@ -104,6 +104,33 @@ def test_clipping_scales_each_client_by_its_global_norm(backend):
     for key in expected:
         torch.testing.assert_close(out[key].double(), expected[key], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(client_sq_norms(updates), torch.tensor(norms, dtype=torch.float64) ** 2)
+
+
+# float32 norms per block (norm_bound.py needs no more): a few 1e-6 relative; float64 data stays float64
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float16, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_distances_from_an_origin_match_the_formula_for_any_blocks_and_threads(case, dtype, rtol):
+    clients, shapes = CASES[case]
+    updates = make_updates(clients, shapes, dtype, seed=3)
+    origin = make_updates(1, shapes, torch.float32, seed=4)[0]  # what the clients started from
+    want = torch.tensor([sum(float((u[k].double() - origin[k].double()).pow(2).sum()) for k in u) for u in updates],
+                        dtype=torch.float64)
+    for source in (updates, as_records(updates)):
+        one = client_sq_norms_torch(source, origin=origin, block_bytes=4096, threads=1)
+        torch.testing.assert_close(one, want, rtol=rtol, atol=0)
+        assert torch.equal(client_sq_norms_torch(source, origin=origin, block_bytes=4096, threads=2), one)
+    torch.testing.assert_close(client_sq_norms(updates, origin=origin), want, rtol=rtol, atol=0)
+    assert all(torch.equal(updates[0][k], make_updates(clients, shapes, dtype, seed=3)[0][k]) for k in origin)
+
+
+def test_an_origin_without_a_key_or_of_another_size_is_named():
+    updates = make_updates(2, [(4, 3), (5,)], torch.float32)
+    origin = dict(updates[0])
+    key = next(iter(origin))
+    with pytest.raises(ValueError, match=rf"origin of key '{key}' must have 12 elements .* got nothing"):
+        client_sq_norms(updates, origin={k: v for k, v in origin.items() if k != key})
+    with pytest.raises(ValueError, match=rf"origin of key '{key}' must have 12 elements .* got 5 elements"):
+        client_sq_norms(updates, origin={**origin, key: torch.zeros(5)})
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -46,6 +46,25 @@ def test_report_and_comparison_files(tmp_path):
         assert (tmp_path / "cmp" / "plots" / f"eval_loss_vs_{name}.png").exists()
 
 
+def test_the_report_lists_failures_skips_and_bounded_updates(tmp_path):
+    _write_run(tmp_path / "run", "devft", [3.0, 2.0], [10, 10])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows[0].update(failures=[{"partition": 3, "reason": "client raised: boom"}], update_norm_bound=2.5,
+                   clipped=[{"partition": 1, "norm": 5.0e6, "scale": 5e-7}])
+    rows[1].update(skipped="1 valid replies < federation.min_replies=2")
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary["totals"].update(clients_failed=1, rounds_skipped=1, updates_clipped=1)
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+
+    report = write_report(tmp_path / "run").read_text()
+
+    assert "- 1 client failures, 1 rounds skipped, 1 updates scaled back onto the norm bound" in report
+    assert "- round 1: partition 3 failed: client raised: boom" in report
+    assert "- round 1: the update of partition 1 (norm 5e+06) was scaled by 5e-07 onto the bound 2.5" in report
+    assert "- round 2: update skipped: 1 valid replies < federation.min_replies=2" in report
+
+
 @pytest.mark.parametrize("metrics,summary,match", [
     ('{"round": 1}\nnot json\n{"round": 3}\n', None, r"metrics.jsonl: line 2 is not JSON"),
     ('[1, 2]\n', None, r"metrics.jsonl: line 1 is not a metrics row"),
