@@ -51,6 +51,12 @@ def lora_part(key: str) -> tuple[str, str] | None:
     return (m.group("module"), m.group("part")) if m else None
 
 
+def as_wire(tensor: torch.Tensor, source: Any, key: str) -> torch.Tensor:
+    """``tensor`` rounded to the dtype of ``key`` in a reply ``source`` (as the wire carried it)."""
+    dtype = source.meta(key)[0]
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def lora_modules(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
     """``{module: (key of A, key of B)}``; raises ``KeyError`` for unpaired or non-LoRA keys."""
     found: dict[str, dict[str, str]] = {}
@@ -274,8 +280,9 @@ class AggregationRule:
 
     # ---- norm bounding (devft.aggregation.norm_bound) ----------------------------------------------------
     def update_origin(self, state: ServerState, source: Any) -> dict[str, torch.Tensor]:
-        """The uploaded tensors as the client received them this round (what its reply is an update of)."""
-        return {k: state.lora[k] for k in self.upload_keys(state.lora)}
+        """The uploaded tensors as the client received them this round (what its reply is an update of), in
+        the reply's dtype: a float16 wire carries both ways, so a client that did not train has moved 0."""
+        return {k: as_wire(state.lora[k], source, k) for k in self.upload_keys(state.lora)}
 
     def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
         """``‖x_k − o_k‖₂`` of each reply over its uploaded tensors: how far each client moved from

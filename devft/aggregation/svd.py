@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from devft.aggregation.base import AggregationRule, ServerState, Update, lora_modules, lora_part, register
+from devft.aggregation.base import (
+    AggregationRule,
+    ServerState,
+    Update,
+    as_wire,
+    lora_modules,
+    lora_part,
+    register,
+)
 from devft.aggregation.norm_bound import distances
 from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
@@ -96,7 +104,7 @@ class SVD(AggregationRule):
         """What a client of the reply's rank received: the top components of the global adapters."""
         keys = self.upload_keys(state.lora)
         sent = self.downlink(state, rank=self._reply_rank(state, source))
-        return {k: sent[k] for k in keys}
+        return {k: as_wire(sent[k], source, k) for k in keys}
 
     def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
         """Each reply's distance from what its rank received (one pass per rank)."""

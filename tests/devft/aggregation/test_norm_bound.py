@@ -93,12 +93,23 @@ def test_flower_records_are_measured_in_place_and_scaled_in_their_dtype(wire, dt
 
     out = bound_updates(rule, state, records, max_norm=3.0)
 
-    want = [hand_distance(u, start, start) for u in updates]  # of the values on the wire
+    sent = {k: v.to(dtype) for k, v in start.items()}  # the wire's dtype carries both ways
+    want = [hand_distance(u, sent, start) for u in updates]  # of the values on the wire
     assert out.norms == pytest.approx(want, rel=1e-6)
     assert out.updates[0] is records[0] and out.clipped == [1]
     assert all(t.dtype == dtype for t in out.updates[1].values())
-    assert hand_distance(out.updates[1], start, start) == pytest.approx(3.0, rel=2e-3 if dtype == torch.float16 else 1e-5)
+    assert hand_distance(out.updates[1], sent, start) == pytest.approx(3.0, rel=2e-3 if dtype == torch.float16 else 1e-5)
     assert {k: bytes(a.data) for k, a in records[1].items()} == before  # the reply itself is not modified
+
+
+@pytest.mark.parametrize("name", ["fedit", "svd"])
+def test_a_client_that_did_not_move_has_norm_zero_on_a_float16_wire(name, start):
+    rule = get_rule(name, alpha=ALPHA)
+    state = rule.init_state(start)
+    unchanged = {k: v.half() for k, v in rule.downlink(state).items()}  # what it received, sent straight back
+    trained = {k: v.half() for k, v in moved(rule.downlink(state), 0, 1.0)[0].items()}
+    out = bound_updates(rule, state, [pack_arrayrecord(unchanged), pack_arrayrecord(trained)], ratio=1.0)
+    assert out.norms[0] == 0.0 and out.norms[1] == pytest.approx(1.0, rel=2e-3)
 
 
 @pytest.mark.parametrize("name,counted", [("ffa", ".lora_B."), ("fedsa", ".lora_A.")])
