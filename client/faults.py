@@ -2,7 +2,8 @@
 
 Enabled only through ``federation.fault_injection = "PARTITION:MODE,…"`` (empty in every real config).
 Modes: ``raise`` (the ClientApp raises), ``nan`` (a LoRA tensor full of NaN), ``huge`` (every LoRA tensor
-multiplied by 1e6: finite, valid, and far too large; what ``federation.max_update_norm*`` bounds), ``shape``
+multiplied by 1e6, less if its dtype would overflow: finite, valid, and far too large; what
+``federation.max_update_norm*`` bounds), ``shape``
 (a tensor with a wrong shape), ``keys`` (a tensor missing), ``no-examples`` (``num-examples`` = 0).
 """
 
@@ -33,8 +34,9 @@ def corrupt_reply(
         raise InjectedFault("fault injection: this client was told to raise")
     if mode == "nan":
         state[first] = torch.full_like(state[first], float("nan"))
-    elif mode == "huge":
-        state = {k: v * 1e6 for k, v in state.items()}
+    elif mode == "huge":  # × 1e6, or less where that would overflow the wire dtype (float16: 65504)
+        state = {k: v * min(1e6, 0.5 * torch.finfo(v.dtype).max / max(float(v.abs().max()), 1e-30))
+                 for k, v in state.items()}
     elif mode == "shape":
         state[first] = torch.zeros(state[first].shape[0] + 1, *state[first].shape[1:], dtype=state[first].dtype)
     elif mode == "keys":

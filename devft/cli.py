@@ -30,7 +30,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from devft.config import config_to_dict, load_config, parse_overrides
+    from devft.config import changed_keys, flatten_config_dict, load_config, parse_overrides
     from devft.reports import write_comparison
     from server.launch import simulate
     from server.run_dir import RunDirectory
@@ -47,7 +47,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         directory = RunDirectory(run_dir)
         if args.reuse and directory.summary.exists():
             saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
-            if saved != json.loads(json.dumps(config_to_dict(config))):  # as config.json holds it
+            readable = isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())
+            if not readable or changed_keys(flatten_config_dict(saved), config):
                 raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these --set "
                                  "overrides; drop --reuse to run it again, or use another --out")
             print(f"reusing {run_dir}")

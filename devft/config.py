@@ -281,11 +281,24 @@ def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
 
 def config_to_flat(config: RunConfig) -> dict[str, bool | int | float | str]:
     """Flat ``section.field`` scalars (tuples as comma strings): what Flower's run config can carry."""
-    flat: dict[str, bool | int | float | str] = {}
-    for section, fields in config_to_dict(config).items():
+    return flatten_config_dict(config_to_dict(config))
+
+
+def flatten_config_dict(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``{section: {field: value}}`` (as config.json holds it) → flat ``section.field`` (lists as comma strings)."""
+    flat: dict[str, Any] = {}
+    for section, fields in nested.items():
         for key, value in fields.items():
             flat[f"{section}.{key}"] = ",".join(str(v) for v in value) if isinstance(value, list) else value
     return flat
+
+
+def changed_keys(saved: Mapping[str, Any], config: RunConfig) -> list[str]:
+    """The flat keys whose value in ``saved`` (a run's flat config) differs from ``config``'s. A key ``saved``
+    lacks counts as its default: the run was written before the key existed, and every new key's default
+    keeps the behaviour from before it."""
+    now, defaults = config_to_flat(config), config_to_flat(RunConfig())
+    return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
 
 
 def describe() -> str:

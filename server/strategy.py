@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from devft.aggregation import BaseDelta, ServerState, record_state, wire_record
 from devft.aggregation.norm_bound import bound_updates
-from devft.config import FederationSettings, RunConfig, config_to_dict, config_to_flat
+from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
 from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -460,7 +460,7 @@ class DevFTStrategy(Strategy):
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint written under a different configuration."""
         now = config_to_flat(self.config)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+        changed = [k for k in changed_keys(saved, self.config) if k not in RESUME_MAY_CHANGE]
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
             raise ValueError(f"cannot resume {self.run_dir.path}: the config differs from the checkpoint's ({details})")

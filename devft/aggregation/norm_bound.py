@@ -14,7 +14,8 @@ What "update" means follows the rule (:meth:`~devft.aggregation.base.Aggregation
   ``(Σ_modules ‖s B_k A_k‖_F²)^{1/2}``; scaling ``B_k`` by ``c`` scales that product by ``c``.
 
 The bound is ``max_norm`` (absolute), ``ratio × median`` of the round's update norms (relative: no need to
-know the scale of a model's updates; the lower median, so that with two replies the smaller one sets it),
+know the scale of a model's updates; the lower median, so that with two replies the smaller one sets it,
+of the clients that moved at all, so that clients that did not train cannot make the bound 0),
 or the smaller of the two when both are set. Norms are taken from the wire values (float32 per block,
 float64 across blocks).
 """
@@ -39,7 +40,8 @@ if TYPE_CHECKING:  # base.py imports this module
 def distances(updates: Sequence[Any], origin: Mapping[str, torch.Tensor]) -> list[float]:
     """``‖x_k − o‖₂`` of each update over every key of ``origin`` together, in one pass over the replies
     (the fused kernels' staging; float32 norms per 4 MiB block summed in float64, good to a few 1e-6
-    relative; ``inf`` where a difference overflows float32)."""
+    relative; a block whose float32 norm overflows is redone in float64; ``inf`` where a difference
+    itself overflows float32)."""
     if not updates:
         return []
     return client_sq_norms(updates, keys=list(origin), origin=origin).sqrt().tolist()
@@ -58,14 +60,15 @@ def moved_towards(source: Any, origins: Mapping[str, torch.Tensor], factor: floa
 
 
 def round_bound(norms: Sequence[float], max_norm: float = 0.0, ratio: float = 0.0) -> float | None:
-    """The bound of a round from its update norms: ``max_norm``, ``ratio × lower median`` or the smaller;
-    ``None`` when neither is set (0)."""
+    """The bound of a round from its update norms: ``max_norm``, ``ratio ×`` the lower median of the
+    non-zero norms, or the smaller; ``None`` when neither is set (0) or applies (no client moved)."""
     check_bound_settings(max_norm, ratio)
     bounds = []
     if max_norm > 0:
         bounds.append(float(max_norm))
-    if ratio > 0 and norms:
-        bounds.append(float(ratio) * statistics.median_low(norms))
+    moved = [n for n in norms if n > 0]  # clients that did not move say nothing about the scale
+    if ratio > 0 and moved:
+        bounds.append(float(ratio) * statistics.median_low(moved))
     return min(bounds) if bounds else None
 
 

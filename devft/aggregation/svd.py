@@ -101,10 +101,25 @@ class SVD(AggregationRule):
         return ServerState(lora=lora, base_delta=dict(state.base_delta), info=info)
 
     def update_origin(self, state: ServerState, source: Any) -> dict[str, torch.Tensor]:
-        """What a client of the reply's rank received: the top components of the global adapters."""
+        """What a client of the reply's rank received: the top components of the global adapters. A reply of
+        a rank above the server's (aggregated all the same) is measured from the global adapters padded
+        with zero components, rescaled to its ``alpha / rank`` (the same ``s B A``)."""
         keys = self.upload_keys(state.lora)
-        sent = self.downlink(state, rank=self._reply_rank(state, source))
-        return {k: as_wire(sent[k], source, k) for k in keys}
+        rank = self._reply_rank(state, source)
+        server_rank = next((state.lora[k].shape[0] for k in keys if (lora_part(k) or ("", ""))[1] == "lora_A"), None)
+        if rank is None or server_rank is None or rank <= server_rank:
+            sent = self.downlink(state, rank=rank)
+            return {k: as_wire(sent[k], source, k) for k in keys}
+        sent, factor = self.downlink(state), math.sqrt(rank / server_rank)
+        out = {}
+        for k in keys:
+            part, value = (lora_part(k) or ("", ""))[1], sent[k]
+            if part == "lora_A":  # (server_rank, d_in) → (rank, d_in)
+                value = torch.cat([value * factor, value.new_zeros(rank - server_rank, value.shape[1])])
+            elif part == "lora_B":  # (d_out, server_rank) → (d_out, rank)
+                value = torch.cat([value * factor, value.new_zeros(value.shape[0], rank - server_rank)], dim=1)
+            out[k] = as_wire(value, source, k)
+        return out
 
     def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
         """Each reply's distance from what its rank received (one pass per rank)."""

@@ -139,6 +139,8 @@ def test_fault_injection_modes():
     assert corrupt_reply(None, state, metrics) == (state, metrics)
     assert torch.isnan(corrupt_reply("nan", state, metrics)[0]["a"]).all()
     assert all(torch.equal(v, torch.full_like(v, 1e6)) for v in corrupt_reply("huge", state, metrics)[0].values())
+    half = corrupt_reply("huge", {"a": torch.full((2, 3), 0.125, dtype=torch.float16)}, metrics)[0]["a"]
+    assert torch.isfinite(half).all() and float(half.max()) > 1e4  # as large as a float16 wire carries
     assert corrupt_reply("shape", state, metrics)[0]["a"].shape == (3, 3)
     assert set(corrupt_reply("keys", state, metrics)[0]) == {"b"}
     assert corrupt_reply("no-examples", state, metrics)[1]["num-examples"] == 0

@@ -82,6 +82,14 @@ def test_compare_reuse_refuses_a_run_of_another_config(smoke_config, private_env
     assert code == 2
     assert "was run with another config" in capsys.readouterr().err
 
+    # a run written before a config key existed ran with its default: it is the same config
+    older = config_to_dict(smoke_config())
+    del older["federation"]["max_update_norm"], older["federation"]["max_update_norm_ratio"]
+    (out / SMOKE.stem / "config.json").write_text(json.dumps(older))
+    assert main(["compare", str(SMOKE), "--out", str(out), "--reuse"]) == 0
+    assert f"reusing {out / SMOKE.stem}" in capsys.readouterr().out
+    assert main(["compare", str(SMOKE), "--out", str(out), "--reuse", "--set", "federation.max_update_norm=2"]) == 2
+
 
 def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, private_env, tmp_path, capsys):
     from devft.cli import main

@@ -750,6 +750,43 @@ def test_aggregation_threads_reach_the_rule_and_bad_values_are_refused(smoke_con
         smoke_config(federation__aggregation_threads=0)
 
 
+@pytest.mark.parametrize("rule,method", [("flora", "fedit"), ("ffa", "devft"), ("svd", "fedit"), ("fedex", "fedit")])
+def test_every_rule_bounds_a_huge_reply_in_the_strategy(rule, method, smoke_config, private_env, tmp_path):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path, federation__aggregation=rule,
+                                                   federation__method=method, federation__max_update_norm_ratio=2.0)
+    sent = strategy.rule.downlink(ServerState(lora=dict(sub)), full=True)
+    shapes = strategy.rule.expected_upload(ServerState(lora=dict(sub)))
+    g = torch.Generator().manual_seed(0)
+    replies = []
+    for p in range(4):  # what each client received plus a small step (flora: fresh A, B = 0 plus a step)
+        step = 1e6 if p == 2 else 1e-2
+        arrays = {k: (sent[k] if k in sent and rule != "flora" else torch.zeros(shape))
+                  + step * torch.randn(shape, generator=g) for k, shape in shapes.items()}
+        replies.append(_reply(by_pid[p], arrays, 10, p))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy._round.aggregated and metrics["clients-ok"] == 4
+    (clip,) = strategy._round.clipped
+    assert clip["partition"] == 2 and clip["norm"] > 1e6 * strategy._round.update_norm_bound / 2
+    honest = sorted(n for pid, n in strategy._round.update_norms.items() if pid != 2)
+    assert strategy._round.update_norm_bound == pytest.approx(2 * honest[1])  # 2 × the lower median of 4
+    assert all(torch.isfinite(torch.from_numpy(a.numpy())).all() for a in arrays.values())
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_with_its_default(smoke_config, private_env, tmp_path):
+    from devft.config import config_to_flat
+
+    strategy, _, _ = _strategy_in_round_one(smoke_config, tmp_path)
+    saved = config_to_flat(strategy.config)
+    del saved["federation.max_update_norm"], saved["federation.max_update_norm_ratio"]
+    strategy._check_resumable(saved)  # ran with the defaults: resumable
+    saved["lora.r"] = 2
+    with pytest.raises(ValueError, match=r"the config differs from the checkpoint's \(lora.r: 2 -> 4\)"):
+        strategy._check_resumable(saved)
+    strategy.config.federation.max_update_norm = 1.0
+    with pytest.raises(ValueError, match=r"federation.max_update_norm: None -> 1.0"):
+        strategy._check_resumable({k: v for k, v in saved.items() if k != "lora.r"})
+
+
 def test_bad_norm_bounds_are_refused_by_name(smoke_config):
     with pytest.raises(ValueError, match=r"federation.max_update_norm must be a finite number >= 0 .* got max_update_norm=-1"):
         smoke_config(federation__max_update_norm=-1.0)

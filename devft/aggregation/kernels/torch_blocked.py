@@ -246,7 +246,10 @@ def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_byt
                 parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64).pow(2)
             else:  # a distance for norm bounding: fp32 norms run 3x faster, and ~1e-6 relative is plenty
                 block.sub_(centre[start : start + count])  # (clients, count) − (count,), in the staging copy
-                parts[(g, start)] = torch.linalg.vector_norm(block, ord=2, dim=1).double().pow(2)
+                norms = torch.linalg.vector_norm(block, ord=2, dim=1)
+                if not bool(torch.isfinite(norms).all()):  # > 1.8e19 (or a difference that overflowed)
+                    norms = torch.linalg.vector_norm(block, ord=2, dim=1, dtype=torch.float64)
+                parts[(g, start)] = norms.double().pow(2)
 
         if group.total > 0:
             _for_each_block(group, device, block_bytes, threads, accumulate)

@@ -10,6 +10,7 @@ from aggregation_cases import SMALL_MODULES, random_lora
 
 from devft.aggregation import get_rule, ideal_delta, pack_arrayrecord, to_arrayrecord
 from devft.aggregation.norm_bound import bound_updates, round_bound
+from devft.aggregation.sources import as_source
 
 ALPHA = 8.0
 
@@ -69,6 +70,9 @@ def test_ratio_bound_is_relative_to_the_lower_median():
     assert round_bound([1.0, 100.0], ratio=10) == 10.0  # two replies: the smaller sets it
     assert round_bound([1.0, 2.0, 3.0, 100.0], max_norm=5.0, ratio=10) == 5.0  # both set: the smaller
     assert round_bound([3.0], ratio=2) == 6.0 and round_bound([1.0, 2.0]) is None
+    # clients that did not move (lr 0, an update below the wire's resolution) cannot make the bound 0
+    assert round_bound([0.0, 0.0, 0.1, 0.2], ratio=3) == pytest.approx(0.3)
+    assert round_bound([0.0, 0.0], ratio=3) is None and round_bound([0.0, 0.0], max_norm=1.0, ratio=3) == 1.0
 
 
 @pytest.mark.parametrize("max_norm,ratio,field,value", [
@@ -110,6 +114,7 @@ def test_a_client_that_did_not_move_has_norm_zero_on_a_float16_wire(name, start)
     trained = {k: v.half() for k, v in moved(rule.downlink(state), 0, 1.0)[0].items()}
     out = bound_updates(rule, state, [pack_arrayrecord(unchanged), pack_arrayrecord(trained)], ratio=1.0)
     assert out.norms[0] == 0.0 and out.norms[1] == pytest.approx(1.0, rel=2e-3)
+    assert out.bound == out.norms[1] and out.scales == [1.0, 1.0]  # the client that did not move sets no bound
 
 
 @pytest.mark.parametrize("name,counted", [("ffa", ".lora_B."), ("fedsa", ".lora_A.")])
@@ -156,6 +161,31 @@ def test_svd_measures_each_client_from_what_its_rank_received(start):
 
     assert out.norms[0] == 0.0 and out.norms[1] == pytest.approx(3.0, rel=1e-5)
     assert hand_distance(out.updates[1], sent[4], sent[4]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_svd_measures_a_reply_above_the_servers_rank_from_the_padded_global(start):
+    rule = get_rule("svd", alpha=ALPHA)
+    state = rule.init_state(start)  # rank 4
+    padded = rule.update_origin(state, as_source({k: torch.zeros(8, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 8)
+                                                   for k, v in start.items()}))
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    a8, b8 = padded[q + ".lora_A.weight"], padded[q + ".lora_B.weight"]
+    assert a8.shape == (8, 24) and not a8[4:].any() and not b8[:, 4:].any()
+    torch.testing.assert_close((ALPHA / 8) * b8 @ a8, (ALPHA / 4) * start[q + ".lora_B.weight"] @ start[q + ".lora_A.weight"])
+    replies = [dict(padded), moved(padded, 1, 2.0)[0], moved(rule.downlink(state), 2, 1.0)[0]]
+    out = bound_updates(rule, state, replies, max_norm=1.5)
+    assert out.norms[0] == 0.0 and out.norms[1:] == pytest.approx([2.0, 1.0], rel=1e-5) and out.clipped == [1]
+    rule.aggregate(state, out.updates, [1, 1, 1])  # the rank-8 replies are aggregated as before
+
+
+def test_an_update_longer_than_float32_norms_reach_is_measured_in_float64(start):
+    rule = get_rule("fedit", alpha=ALPHA)
+    state = rule.init_state({k: torch.zeros_like(v) for k, v in start.items()})
+    far = {k: torch.full_like(v, 1e20) for k, v in start.items()}  # ‖·‖ ≈ 1e22: inf as a float32 norm
+    numel = sum(v.numel() for v in start.values())
+    out = bound_updates(rule, state, [far, {k: torch.zeros_like(v) for k, v in start.items()}], max_norm=1.0)
+    assert out.norms[0] == pytest.approx(1e20 * math.sqrt(numel), rel=1e-6)
+    assert hand_distance(out.updates[0], state.lora, start) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_an_update_of_infinite_length_is_scaled_to_what_the_client_received(start):
