@@ -148,11 +148,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def split_output(flat: torch.Tensor, group: Group, out_dtype: torch.dtype | None,
                  check_finite: bool = False) -> dict[str, torch.Tensor]:
     """Views of ``flat`` (cast once to ``out_dtype`` or the group's dtype) per key, in the key's shape. With
-    ``check_finite``, an ``out_dtype`` too small for the (finite) sums raises; the group's own dtype is
-    checked by the backends, with :func:`cast_checked`, before this."""
+    ``check_finite``, a dtype too small for the (finite) sums raises (:func:`cast_checked`): fp32 sums of
+    fp16 inputs beyond 65504, or a narrower ``out_dtype``."""
     target = out_dtype or group.dtype
     if flat.dtype != target:
-        flat = cast_checked(flat, group, target) if check_finite and out_dtype is not None else flat.to(target)
+        flat = cast_checked(flat, group, target) if check_finite else flat.to(target)
     return {
         key: flat[off : off + n].view(shape)
         for key, shape, n, off in zip(group.keys, group.shapes, group.numels, group.offsets)

@@ -38,7 +38,6 @@ from devft.aggregation._plan import (
     compute_dtype,
     gc_paused,
     is_finite,
-    narrows,
     plan_groups,
     raise_nonfinite,
     split_output,
@@ -277,11 +276,11 @@ def weighted_sum_many_torch(
     :func:`default_threads`).
     """
     with gc_paused():
-        flats = weighted_sum_flat_torch(updates, weights, keys=keys, clip_norm=clip_norm,
-                                        check_finite=check_finite, block_bytes=block_bytes, threads=threads)
+        flats = weighted_sum_flat_torch(updates, weights, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
+                                        out_dtype=out_dtype, block_bytes=block_bytes, threads=threads)
         out: dict[str, torch.Tensor] = {}
         for group, flat in flats:
-            out.update(split_output(flat, group, out_dtype, check_finite))
+            out.update(split_output(flat, group, out_dtype))  # already in the output dtype: views only
         order = list(keys) if keys is not None else as_source(updates[0]).keys()
         return {k: out[k] for k in order}
 
@@ -293,10 +292,12 @@ def weighted_sum_flat_torch(
     keys: Sequence[str] | None = None,
     clip_norm: float | None = None,
     check_finite: bool = True,
+    out_dtype: torch.dtype | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     threads: int | None = None,
 ) -> list[tuple[Group, torch.Tensor]]:
-    """The sums as one flat buffer per dtype group (compute dtype), keys back to back in ``group.keys``
+    """The sums as one flat buffer per dtype group, in ``out_dtype`` or the group's dtype (cast once from
+    the accumulation dtype, checked for overflow with ``check_finite``), keys back to back in ``group.keys``
     order at ``group.offsets``: what :func:`weighted_sum_many_torch` splits into views, and what the
     Flower-record writer serialises without going through per-key tensors."""
     with gc_paused():
@@ -321,11 +322,11 @@ def weighted_sum_flat_torch(
                     torch.mv(block.t(), wvec, out=flat[start : start + count])  # (count, clients) · (clients,)
 
                 _for_each_block(group, device, block_bytes, threads, reduce)
-            if group.total > 0 and check_finite:
-                if not is_finite(flat):
-                    raise_nonfinite(sources, group, flat)
-                if narrows(group):
-                    cast_checked(flat, group, group.dtype)  # fp16 sums beyond 65504 would become Inf
+            if group.total > 0 and check_finite and not is_finite(flat):
+                raise_nonfinite(sources, group, flat)
+            target = out_dtype or group.dtype
+            if flat.dtype != target:  # one cast; fp16 sums beyond 65504 would become Inf: checked, named
+                flat = cast_checked(flat, group, target) if check_finite else flat.to(target)
             flats.append((group, flat))
         return flats
 

@@ -51,11 +51,9 @@ import triton.language as tl
 
 from devft.aggregation._plan import (
     Group,
-    cast_checked,
     check_weights,
     compute_dtype,
     gc_paused,
-    narrows,
     plan_groups,
     raise_nonfinite,
     split_output,
@@ -311,9 +309,6 @@ class PreparedWeightedSum:
             for group, flat in flats:
                 if flat.numel() and not bool(torch.isfinite(flat).all()):
                     raise_nonfinite(self.sources, group, flat)
-        for group, flat in flats:
-            if flat.numel() and narrows(group):
-                cast_checked(flat, group, group.dtype)  # fp16 sums beyond 65504 would become Inf
 
 
 def prepare_weighted_sum_triton(updates: Sequence[Any], keys: Sequence[str] | None = None, *,

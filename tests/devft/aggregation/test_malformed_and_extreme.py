@@ -89,6 +89,9 @@ def test_a_sum_too_large_for_the_output_dtype_is_reported_not_returned_as_inf(ba
         weighted_sum_many(singles, [1.0, 1.0], backend=backend, out_dtype=torch.float16)
     # within range, the same call is fine; without the check the caller gets what it asked for
     assert float(weighted_sum_many(halves, [0.5, 0.5], backend=backend)["x"][0]) == 60000.0
+    # a wider out_dtype holds the fp16 inputs' sum: nothing to report (it used to be checked against fp16)
+    wide = weighted_sum_many(halves, [1.0, 1.0], backend=backend, out_dtype=torch.float32)["x"]
+    assert wide.dtype == torch.float32 and float(wide[0]) == 120000.0
     assert torch.isinf(weighted_sum_many(halves, [1.0, 1.0], backend=backend, check_finite=False)["x"]).all()
 
 
