@@ -6,7 +6,7 @@ bound ``C`` is replaced by ``origin + (C / ‖update‖) · update`` before the 
 client can move the global model by more than its weight times ``C``. Replies within the bound are passed
 on untouched (no copy).
 
-What "update" means follows the rule (:meth:`~devft.aggregation.base.AggregationRule.update_norm`):
+What "update" means follows the rule (:meth:`~devft.aggregation.base.AggregationRule.update_norms`):
 
 - rules whose clients start from the server's tensors (fedit, ffa, fedsa, fedex, svd): the uploaded LoRA
   factors minus those the client received, ``‖x_k − o_k‖₂`` over all uploaded tensors together;
