@@ -302,19 +302,9 @@ class DevFTStrategy(Strategy):
                 self.fed.min_replies,
             )
             return None, metrics
+        records = self._bounded_records(server_round, rule_state, updates)
         start = time.perf_counter()
-        bounded = bound_updates(self.rule, rule_state, [u.record for u in updates],
-                                max_norm=self.fed.max_update_norm, ratio=self.fed.max_update_norm_ratio)
-        self._round.update_norms = {u.partition_id: n for u, n in zip(updates, bounded.norms)}
-        self._round.update_norm_bound = bounded.bound
-        for i in bounded.clipped:
-            pid, norm, scale = updates[i].partition_id, bounded.norms[i], bounded.scales[i]
-            log.warning("round %d: the update of partition %d has norm %.4g > bound %.4g: scaled by %.3g",
-                        server_round, pid, norm, bounded.bound, scale)
-            self._round.clipped.append({"partition": pid, "norm": norm, "scale": scale})
-        self._round.update_norm_s = time.perf_counter() - start
-        start = time.perf_counter()
-        new_state = self.rule.aggregate(rule_state, bounded.updates, [u.num_examples for u in updates])
+        new_state = self.rule.aggregate(rule_state, records, [u.num_examples for u in updates])
         self._round.aggregate_s = time.perf_counter() - start
         bad = non_finite_parts(new_state)
         if bad:  # finite replies whose aggregate overflows (e.g. B·A of huge factors): the model keeps its state
@@ -326,6 +316,31 @@ class DevFTStrategy(Strategy):
         self._round.aggregated = True
         self._round.base_delta = new_state.base_delta
         return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics
+
+    def _bounded_records(self, server_round: int, rule_state: ServerState, updates: list[ClientUpdate]) -> list[Any]:
+        """The replies' records after norm bounding (``federation.max_update_norm*``), their update norms
+        recorded for the row. Without a bound the norms are diagnostics only: if measuring them fails, the
+        round goes on with the replies as they came; with a bound it cannot, and the error is raised."""
+        start = time.perf_counter()
+        records = [u.record for u in updates]
+        try:
+            bounded = bound_updates(self.rule, rule_state, records, max_norm=self.fed.max_update_norm,
+                                    ratio=self.fed.max_update_norm_ratio)
+        except (ValueError, RuntimeError) as err:
+            if self.fed.max_update_norm or self.fed.max_update_norm_ratio:
+                raise
+            log.warning("round %d: update norms not measured (no bound is set): %s", server_round, err)
+            return records
+        finally:
+            self._round.update_norm_s = time.perf_counter() - start
+        self._round.update_norms = {u.partition_id: n for u, n in zip(updates, bounded.norms)}
+        self._round.update_norm_bound = bounded.bound
+        for i in bounded.clipped:
+            pid, norm, scale = updates[i].partition_id, bounded.norms[i], bounded.scales[i]
+            log.warning("round %d: the update of partition %d has norm %.4g > bound %.4g: scaled by %.3g",
+                        server_round, pid, norm, bounded.bound, scale)
+            self._round.clipped.append({"partition": pid, "norm": norm, "scale": scale})
+        return bounded.updates
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -772,6 +772,25 @@ def test_every_rule_bounds_a_huge_reply_in_the_strategy(rule, method, smoke_conf
     assert all(torch.isfinite(torch.from_numpy(a.numpy())).all() for a in arrays.values())
 
 
+@pytest.mark.parametrize("bound", [0.0, 5.0])
+def test_update_norms_that_cannot_be_measured_stop_the_round_only_under_a_bound(bound, smoke_config, private_env,
+                                                                                 tmp_path, monkeypatch):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path, federation__max_update_norm=bound)
+
+    def broken(state, sources):
+        raise ValueError("cannot measure")
+
+    monkeypatch.setattr(strategy.rule, "update_norms", broken)
+    replies = [_reply(by_pid[p], {k: torch.ones_like(v) for k, v in sub.items()}, 10, p) for p in range(4)]
+    if bound:
+        with pytest.raises(ValueError, match="cannot measure"):
+            strategy.aggregate_train(1, replies)
+        return
+    arrays, _ = strategy.aggregate_train(1, replies)  # diagnostics only: the round is aggregated as it came
+    assert arrays is not None and strategy._round.aggregated and strategy._round.update_norms == {}
+    assert all(torch.equal(torch.from_numpy(a.numpy()), torch.ones_like(sub[k])) for k, a in arrays.items())
+
+
 def test_a_checkpoint_from_before_a_config_key_existed_resumes_with_its_default(smoke_config, private_env, tmp_path):
     from devft.config import config_to_flat
 
