@@ -84,12 +84,16 @@ def parse_train_reply(
             if dtype not in WIRE_DTYPES:
                 raise InvalidReply(f"{key} has dtype {str(dtype).removeprefix('torch.')}, expected one of "
                                    f"{[str(d).removeprefix('torch.') for d in WIRE_DTYPES]}")
-    except (UnsupportedArrayError, TypeError) as err:
+    except InvalidReply:
+        raise
+    except UnsupportedArrayError as err:
         raise InvalidReply(f"unreadable arrays: {err}") from err
+    except Exception as err:  # whatever a hostile payload provokes is this reply's fault, never the round's
+        raise InvalidReply(f"unreadable arrays: {type(err).__name__}: {str(err)[:300]}") from err
     try:
         validate_updates([record], [num_examples], expected=expected, rank_free=rank_free, check_finite=True)
     except InvalidUpdateError as err:
         raise InvalidReply(str(err).removeprefix("client 0, ")) from err
-    except (ValueError, TypeError) as err:  # anything else unreadable is this reply's fault, not the round's
-        raise InvalidReply(f"unreadable arrays: {err}") from err
+    except Exception as err:  # as above
+        raise InvalidReply(f"unreadable arrays: {type(err).__name__}: {str(err)[:300]}") from err
     return ClientUpdate(node_id=node, partition_id=-1, num_examples=int(num_examples), record=record, metrics=metrics)

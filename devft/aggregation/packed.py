@@ -31,7 +31,13 @@ import numpy as np
 import torch
 
 from devft.aggregation.errors import InvalidUpdateError
-from devft.aggregation.sources import ITEMSIZE, NPY_STYPE, UnsupportedArrayError, parse_npy_header
+from devft.aggregation.sources import (
+    ITEMSIZE,
+    NPY_STYPE,
+    BoundedCache,
+    UnsupportedArrayError,
+    parse_npy_header,
+)
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -101,26 +107,30 @@ class Manifest:
     @staticmethod
     def parse(raw: bytes) -> Manifest:
         """The manifest in ``raw`` (JSON bytes); cached, so every client's identical manifest is one object."""
-        cached = _MANIFESTS.get(raw)
+        cached = _MANIFESTS.lookup(raw)
         if cached is not None:
             return cached
         try:
             doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UnsupportedArrayError(f"packed manifest is not UTF-8 JSON ({err})") from err
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise UnsupportedArrayError(f"packed manifest is not UTF-8 JSON ({type(err).__name__}: "
+                                        f"{str(err)[:200]})") from err
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
             head = {k: doc.get(k) for k in ("format", "version")} if isinstance(doc, dict) else type(doc).__name__
             raise UnsupportedArrayError(f"packed manifest has {head}, expected format {FORMAT!r} version {VERSION}")
+        tensors = doc.get("tensors", [])
+        if not isinstance(tensors, list):
+            raise UnsupportedArrayError(f"packed manifest field 'tensors' must be a list, got "
+                                        f"{type(tensors).__name__}")
         entries = []
-        for item in doc.get("tensors", ()):
+        for item in tensors:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and item[1] in _DTYPE_BY_NAME and isinstance(item[2], list)
                     and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in item[2])):
                 raise UnsupportedArrayError(f"packed manifest entry {item!r} is not [key, float dtype, shape]")
             entries.append((item[0], _DTYPE_BY_NAME[item[1]], tuple(item[2])))
         manifest = Manifest.build(entries, raw)
-        if len(_MANIFESTS) < 256:
-            _MANIFESTS[raw] = manifest
+        _MANIFESTS.keep(raw, manifest)
         return manifest
 
     def runs(self, keys: Sequence[str]) -> list[tuple[int, int]]:
@@ -140,7 +150,8 @@ class Manifest:
         return out
 
 
-_MANIFESTS: dict[bytes, Manifest] = {}
+# one manifest per distinct model/rule/rank layout; SmolLM2-135M's 420 LoRA tensors take about 30 kB
+_MANIFESTS = BoundedCache(entries=64, key_bytes=1 << 20)
 
 
 def _view(data: bytes, dtype: torch.dtype, offset_bytes: int, numel: int) -> torch.Tensor:
@@ -226,15 +237,13 @@ class PackedSource:
 def _npy_payload(arr: Any, key: str) -> bytes:
     """The element bytes of a 1-D ``.npy`` array of ``uint8`` (the manifest)."""
     data = arr.data
-    if getattr(arr, "stype", None) != NPY_STYPE or data[:6] != b"\x93NUMPY":
+    if getattr(arr, "stype", None) != NPY_STYPE:
         raise UnsupportedArrayError(f"array {key!r} is not a numpy-serialised array")
-    major = data[6]
-    start = 10 if major == 1 else 12
-    hlen = int.from_bytes(data[8:start], "little")
-    header = bytes(data[start : start + hlen]).decode("latin1")
-    if "'|u1'" not in header:
-        raise UnsupportedArrayError(f"array {key!r} must be uint8 (JSON bytes), header {header.strip()!r}")
-    return bytes(data[start + hlen :])
+    layout = parse_npy_header(data, key, dtypes=(torch.uint8,))
+    if len(layout.shape) != 1 or len(data) != layout.end:
+        raise UnsupportedArrayError(f"array {key!r} must be one-dimensional uint8 (JSON bytes) of the length its "
+                                    f"header gives, got shape {layout.shape} in {len(data)} bytes")
+    return bytes(data[layout.offset :])
 
 
 def pack_arrayrecord(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

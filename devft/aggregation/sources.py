@@ -16,6 +16,7 @@ import ast
 import ctypes
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,9 @@ _NPY_DTYPES: dict[str, torch.dtype] = {
     "<f2": torch.float16,
     "<f4": torch.float32,
     "<f8": torch.float64,
+    "|u1": torch.uint8,  # a packed payload's manifest (JSON bytes), never summed
 }
+NPY_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
@@ -67,16 +70,47 @@ class NpyLayout:
     @staticmethod
     def make(dtype: torch.dtype, shape: tuple[int, ...], offset: int, fortran_order: bool, header: bytes) -> NpyLayout:
         numel = math.prod(shape)
-        return NpyLayout(dtype, shape, offset, fortran_order, header, numel, offset + numel * ITEMSIZE[dtype])
+        return NpyLayout(dtype, shape, offset, fortran_order, header, numel, offset + numel * dtype.itemsize)
 
 
-_HEADER_CACHE: dict[bytes, NpyLayout] = {}
+class BoundedCache(OrderedDict):
+    """A least-recently-used cache of at most ``entries`` items whose byte-string keys are at most
+    ``key_bytes`` long: what a client sends cannot make the server hold more than ``entries · key_bytes``
+    (a longer key is parsed every time and never kept)."""
+
+    def __init__(self, entries: int, key_bytes: int) -> None:
+        super().__init__()
+        self.entries = entries
+        self.key_bytes = key_bytes
+
+    def lookup(self, key: bytes) -> Any:
+        """The value kept for ``key`` (now the most recently used), or None."""
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def keep(self, key: bytes, value: Any) -> None:
+        """Keep ``value`` under ``key`` if the key is short enough, evicting the least recently used."""
+        if len(key) > self.key_bytes:
+            return
+        self[key] = value
+        if len(self) > self.entries:
+            self.popitem(last=False)
 
 
-def parse_npy_header(data: bytes | memoryview, key: str = "?") -> NpyLayout:
-    """Parse the header of ``.npy`` bytes (cached by the header's bytes); raise for what we cannot read."""
+# np.save pads a header to a multiple of 64 bytes: a few hundred bytes for any LoRA tensor's shape
+_HEADER_CACHE = BoundedCache(entries=4096, key_bytes=1024)
+
+
+def parse_npy_header(data: bytes | memoryview, key: str = "?",
+                     dtypes: tuple[torch.dtype, ...] = NPY_FLOAT_DTYPES) -> NpyLayout:
+    """Parse the header of ``.npy`` bytes (cached by the header's bytes); raise for what we cannot read, and
+    for an array whose dtype is not one of ``dtypes`` (the float dtypes aggregation reads, by default)."""
     if bytes(data[:6]) != _MAGIC:
         raise UnsupportedArrayError(f"array {key!r} is not .npy bytes (magic {bytes(data[:6])!r})")
+    if len(data) < 10:
+        raise UnsupportedArrayError(f"array {key!r} holds {len(data)} bytes, too few for a .npy header")
     major = data[6]
     if major == 1:
         start = 10
@@ -86,12 +120,18 @@ def parse_npy_header(data: bytes | memoryview, key: str = "?") -> NpyLayout:
         hlen = int.from_bytes(data[8:12], "little")
     else:
         raise UnsupportedArrayError(f"array {key!r} has .npy format version {major}, expected 1, 2 or 3")
+    if len(data) < start + hlen:
+        raise UnsupportedArrayError(f"array {key!r} holds {len(data)} bytes, fewer than its .npy header's "
+                                    f"{start + hlen}")
     header = bytes(data[: start + hlen])
-    layout = _HEADER_CACHE.get(header)
+    layout = _HEADER_CACHE.lookup(header)
     if layout is None:
         layout = _parse_header_dict(header, start, major, key)
-        if len(_HEADER_CACHE) < 65536:
-            _HEADER_CACHE[header] = layout
+        _HEADER_CACHE.keep(header, layout)
+    if layout.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise UnsupportedArrayError(f"array {key!r} has dtype {str(layout.dtype).removeprefix('torch.')}; "
+                                    f"expected one of {names} (little-endian)")
     if len(data) < layout.end:  # checked for every buffer: a cached header says nothing of this one's length
         raise UnsupportedArrayError(f"array {key!r} holds {len(data)} bytes, fewer than its header promises "
                                     f"({layout.end})")
@@ -119,6 +159,7 @@ def _parse_header_dict(header: bytes, start: int, major: int, key: str) -> NpyLa
     if dtype_str not in _NPY_DTYPES:
         raise UnsupportedArrayError(
             f"array {key!r} has dtype {descr!r}; aggregation reads little-endian float16/32/64 only"
+            " (and uint8 for a packed manifest)"
         )
     return NpyLayout.make(_NPY_DTYPES[dtype_str], shape, len(header), fortran_order, header)  # data follows it
 

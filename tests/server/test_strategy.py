@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -384,6 +385,59 @@ def test_unreadable_arrays_are_a_rejected_reply_not_a_failed_round(smoke_config,
     assert arrays is not None and metrics["clients-ok"] == 2
     reasons = {f.partition_id: f.reason for f in strategy._round.failures}
     assert "fewer than its header promises" in reasons[2] and "malformed .npy header" in reasons[3]
+
+
+def _packed_reply_with_manifest(request: Message, lora: dict[str, torch.Tensor], manifest: Array, pid: int) -> Message:
+    from devft.aggregation.packed import MANIFEST_KEY, pack_arrayrecord
+
+    items = {k: a for k, a in pack_arrayrecord(lora).items() if k != MANIFEST_KEY}
+    items[MANIFEST_KEY] = manifest
+    metrics = {"num-examples": 10, "train-loss": 1.0, "partition-id": pid}
+    return Message(content=RecordDict({"arrays": ArrayRecord(items), "metrics": MetricRecord(metrics)}),
+                   reply_to=request)
+
+
+def test_hostile_payloads_are_rejected_replies_not_a_failed_round(smoke_config, private_env, tmp_path, monkeypatch):
+    # what a hostile client can send: a manifest nested past Python's recursion limit, a buffer that is only
+    # the .npy magic (packed manifest, or one array of the one-array-per-tensor format); and a reader that
+    # fails in a way nobody foresaw (simulated) costs that client its reply, never the server its round
+    import server.replies
+
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    first = next(iter(sub))
+    magic_only = Array(dtype="uint8", shape=(6,), stype="numpy.ndarray", data=b"\x93NUMPY")
+    nested = Array(np.frombuffer(b"[" * 100_000 + b"]" * 100_000, dtype=np.uint8).copy())
+    arrays_magic = {k: v for k, v in ArrayRecord(ones).items()}
+    arrays_magic[first] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x93NUMPY")
+    replies = [
+        _reply(by_pid[0], ones, 10, 0),
+        _packed_reply_with_manifest(by_pid[1], ones, nested, 1),
+        _packed_reply_with_manifest(by_pid[2], ones, magic_only, 2),
+        Message(content=RecordDict({"arrays": ArrayRecord(arrays_magic), "metrics": MetricRecord(
+            {"num-examples": 10, "train-loss": 1.0, "partition-id": 3})}), reply_to=by_pid[3]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 1
+    reasons = {f.partition_id: f.reason for f in strategy._round.failures}
+    assert "RecursionError" in reasons[1]
+    assert "too few for a .npy header" in reasons[2] and "too few for a .npy header" in reasons[3]
+
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path / "again")
+    odd = ArrayRecord(ones)
+    real = server.replies.as_source
+
+    def reader(record):
+        if record is odd:
+            raise IndexError("unforeseen")
+        return real(record)
+
+    monkeypatch.setattr(server.replies, "as_source", reader)
+    replies = [_reply(by_pid[0], ones, 10, 0), Message(content=RecordDict({"arrays": odd, "metrics": MetricRecord(
+        {"num-examples": 10, "train-loss": 1.0, "partition-id": 1})}), reply_to=by_pid[1])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 1
+    assert "IndexError: unforeseen" in strategy._round.failures[0].reason
 
 
 def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smoke_config, private_env, tmp_path):

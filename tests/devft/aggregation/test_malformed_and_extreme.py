@@ -3,6 +3,7 @@ client and key, and never reads past a buffer or hands back Inf where it promise
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from aggregation_cases import make_updates
@@ -12,6 +13,7 @@ from devft.aggregation import (
     InvalidUpdateError,
     NonFiniteUpdateError,
     aggregate_arrayrecords,
+    record_tensors,
     validate_updates,
     weighted_sum,
     weighted_sum_many,
@@ -74,6 +76,37 @@ def test_a_malformed_header_is_an_invalid_update_naming_the_client(change, match
         with pytest.raises(InvalidUpdateError, match=match) as info:
             read()
         assert (info.value.client, info.value.key) == (bad_client, "x"), name
+
+
+@pytest.mark.parametrize("cut", [6, 9, 40])
+@pytest.mark.parametrize("bad_client", [0, 1])
+def test_a_buffer_shorter_than_its_header_is_an_invalid_update_naming_the_client(cut, bad_client):
+    # only the magic (a hostile 6-byte array), or a header whose declared length runs past the buffer
+    good = records_of([torch.randn(N) for _ in range(2)])
+    records = list(good)
+    records[bad_client] = with_data(good[bad_client], good[bad_client]["x"].data[:cut])
+    for name, read in every_reader(records).items():
+        with pytest.raises(InvalidUpdateError, match="too few for a .npy header|fewer than its .npy header") as info:
+            read()
+        assert (info.value.client, info.value.key) == (bad_client, "x"), name
+
+
+def test_what_a_client_sends_cannot_grow_the_header_cache_without_bound():
+    # np.save writes short headers; a header padded to 100 kB is read but never kept, and the cache is a
+    # least-recently-used one of bounded size
+    from devft.aggregation.sources import _HEADER_CACHE, BoundedCache
+
+    before = dict(_HEADER_CACHE)
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }" + " " * 100_000 + "\n"
+    header = b"\x93NUMPY\x02\x00" + len(text).to_bytes(4, "little") + text.encode()
+    padded = with_data(records_of([torch.zeros(4)])[0], header + np.zeros(4, np.float32).tobytes())
+    assert torch.equal(record_tensors(padded)["x"], torch.zeros(4))
+    assert dict(_HEADER_CACHE) == before
+    cache = BoundedCache(entries=2, key_bytes=4)
+    for key in (b"a", b"b", b"a", b"c", b"toolong"):
+        cache.keep(key, key.upper())
+        cache.lookup(b"a")
+    assert list(cache) == [b"c", b"a"] and cache.lookup(b"b") is None and cache.lookup(b"toolong") is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])

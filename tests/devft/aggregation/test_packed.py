@@ -190,6 +190,15 @@ def _manifest_array(doc) -> Array:
                                                          "tensors": [["a", "float32", [2]], ["a", "float32", [2]]]})),
      "lists key 'a' twice"),
     (lambda r: _tampered(r, MANIFEST_KEY, Array(np.frombuffer(b"{not json", np.uint8).copy())), "not UTF-8 JSON"),
+    # hostile: nested past the recursion limit, only the magic, 'tensors' not a list, a header not uint8
+    (lambda r: _tampered(r, MANIFEST_KEY, Array(np.frombuffer(b"[" * 100_000 + b"]" * 100_000, np.uint8).copy())),
+     "RecursionError"),
+    (lambda r: _tampered(r, MANIFEST_KEY, Array("uint8", (6,), "numpy.ndarray", b"\x93NUMPY")), "too few for a .npy"),
+    (lambda r: _tampered(r, MANIFEST_KEY, _manifest_array({"format": "devft.packed", "version": 1, "tensors": 5})),
+     "'tensors' must be a list, got int"),
+    (lambda r: _tampered(r, MANIFEST_KEY, _manifest_array({"format": "devft.packed", "version": 1, "tensors": None})),
+     "'tensors' must be a list, got NoneType"),
+    (lambda r: _tampered(r, MANIFEST_KEY, Array(np.zeros(8, np.float32))), r"has dtype float32; expected one of \['uint8'\]"),
 ])
 def test_malformed_packed_records_are_refused_naming_the_client(tamper, match):
     good = [pack_arrayrecord(u) for u in make_updates(3, [(4, 8), (24,)], torch.float32)]
