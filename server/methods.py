@@ -35,6 +35,13 @@ def method_rule(config: RunConfig) -> AggregationRule:
     except ValueError as err:
         raise ValueError(f"federation.aggregation={name!r} with federation.method={method!r}: {err}") from err
     rule = get_rule(name, alpha=config.lora.alpha, threads=config.federation.aggregation_threads)
+    if rule.changes_base and config.model.dtype != "float32":
+        raise ValueError(
+            f"federation.aggregation={name!r} with model.dtype={config.model.dtype!r}: {name!r} folds every round's "
+            f"update into the frozen base weights, and {config.model.dtype} weights round a LoRA-sized change "
+            "away (a change of 1e-4 on weights of 0.02 moves about a third of bfloat16 entries not at all), so the "
+            "rule would silently lose training signal; use model.dtype='float32'"
+        )
     lora_fusion = method_growth(config).lora_fusion
     if rule.personalised and method == "devft" and lora_fusion == "svd":
         raise ValueError(

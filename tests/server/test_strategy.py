@@ -306,6 +306,16 @@ def test_unsupported_or_incompatible_aggregation_is_refused(smoke_config, privat
         method_rule(smoke_config(federation__aggregation=rule))
 
 
+@pytest.mark.parametrize("rule", ["flora", "fedex"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rules_that_change_the_base_weights_need_float32_weights(smoke_config, private_env, rule, dtype):
+    from server.methods import check_run
+
+    with pytest.raises(ValueError, match=f"federation.aggregation='{rule}' with model.dtype='{dtype}'"):
+        check_run(smoke_config(federation__aggregation=rule, federation__method="fedit", model__dtype=dtype))
+    check_run(smoke_config(federation__aggregation="fedit", federation__method="fedit", model__dtype=dtype))
+
+
 def test_sampling_is_reproducible_and_independent_of_node_ids(private_env):
     from client.app import app as client_app
 
