@@ -41,7 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from devft.aggregation import BaseDelta, ServerState, record_state, wire_record
+from devft.aggregation import BaseDelta, NonFiniteUpdateError, ServerState, record_state, wire_record
 from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
@@ -66,11 +66,6 @@ def number(row: Mapping[str, Any], key: str) -> float:
     value = row.get(key)
     return float(value) if isinstance(value, int | float) else 0.0
 
-
-def non_finite_parts(state: ServerState) -> list[str]:
-    """Names of the LoRA tensors and base-delta modules of an aggregated state that hold NaN/Inf."""
-    bad = [k for k, v in state.lora.items() if not bool(torch.isfinite(v).all())]
-    return bad + [m for m, d in state.base_delta.items() if not bool(torch.isfinite(d.materialize()).all())]
 
 RESUME_MAY_CHANGE = frozenset(
     {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
@@ -304,15 +299,21 @@ class DevFTStrategy(Strategy):
             return None, metrics
         records = self._bounded_records(server_round, rule_state, updates)
         start = time.perf_counter()
-        new_state = self.rule.aggregate(rule_state, records, [u.num_examples for u in updates])
-        self._round.aggregate_s = time.perf_counter() - start
-        bad = non_finite_parts(new_state)
-        if bad:  # finite replies whose aggregate overflows (e.g. B·A of huge factors): the model keeps its state
+        try:
+            new_state = self.rule.aggregate(rule_state, records, [u.num_examples for u in updates])
+        except NonFiniteUpdateError as err:
+            if err.client is not None:  # every reply was checked finite above: a client here is a bug
+                raise
+            # finite replies whose aggregate overflows (e.g. B·A of huge factors): the model keeps its state
+            parts = getattr(err, "parts", [err.key] if err.key else [])
             log.warning("round %d: the %s aggregate is not finite in %s: update skipped", server_round,
-                        self.rule.name, bad[:3])
+                        self.rule.name, parts[:3])
             self._round.skipped = (f"the {self.rule.name} aggregate of this round's replies is not finite in "
-                                   f"{len(bad)} tensor(s), e.g. {bad[0]}")
+                                   f"{len(parts)} tensor(s), e.g. {parts[0]}" if parts else
+                                   f"the {self.rule.name} aggregate of this round's replies is not finite: {err}")
+            self._round.aggregate_s = time.perf_counter() - start
             return None, metrics
+        self._round.aggregate_s = time.perf_counter() - start
         self._round.aggregated = True
         self._round.base_delta = new_state.base_delta
         return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics

@@ -13,7 +13,12 @@ from devft.aggregation.base import (
     split_downlink,
 )
 from devft.aggregation.compat import METHODS, check_compatible, compatible_rules
-from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
+from devft.aggregation.errors import (
+    InvalidUpdateError,
+    NonFiniteAggregateError,
+    NonFiniteUpdateError,
+    UnsupportedArrayError,
+)
 from devft.aggregation.kernels import available_backends, client_sq_norms, weighted_sum, weighted_sum_many
 from devft.aggregation.packed import WIRE_FORMATS, is_packed, pack_arrayrecord, packed_nbytes, wire_record
 from devft.aggregation.records import (
@@ -34,6 +39,7 @@ __all__ = [
     "AggregationRule",
     "BaseDelta",
     "InvalidUpdateError",
+    "NonFiniteAggregateError",
     "NonFiniteUpdateError",
     "ServerState",
     "UnsupportedArrayError",

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from devft.aggregation.errors import NonFiniteAggregateError
 from devft.aggregation.kernels import weighted_sum_many
 from devft.aggregation.norm_bound import distances, moved_towards
 from devft.aggregation.packed import packed_nbytes
@@ -145,6 +146,11 @@ class ServerState:
     round: int = 0  # number of aggregations so far
     info: dict[str, float] = field(default_factory=dict)  # diagnostics of the last aggregation
 
+    def non_finite_parts(self) -> list[str]:
+        """Names of the LoRA tensors and base-delta modules that hold NaN/Inf (empty when all is finite)."""
+        bad = [k for k, v in self.lora.items() if not bool(torch.isfinite(v).all())]
+        return bad + [m for m, d in self.base_delta.items() if not bool(torch.isfinite(d.materialize()).all())]
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the state (adapters and base deltas, downlink key names), e.g. for a checkpoint."""
         out = dict(self.lora)
@@ -261,9 +267,19 @@ class AggregationRule:
         return p
 
     def aggregate(self, state: ServerState, updates: Sequence[Update], weights: Sequence[float]) -> ServerState:
-        """Validate the replies and return the next state. ``weights``: num-examples of each reply."""
+        """Validate the replies and return the next state. ``weights``: num-examples of each reply.
+
+        With ``check_finite``, a NaN/Inf reply raises :class:`NonFiniteUpdateError` naming the client, and
+        finite replies whose aggregate is not finite raise :class:`NonFiniteAggregateError` (``state`` is
+        never changed: the caller keeps it)."""
         p = self.validate(state, updates, weights)
         new = self._aggregate(state, list(updates), p)
+        if self.check_finite:
+            bad = new.non_finite_parts()
+            if bad:
+                raise NonFiniteAggregateError(
+                    f"the {self.name} aggregate of finite replies is not finite in {len(bad)} tensor(s), e.g. "
+                    f"{bad[0]} (an overflow: the replies are too large)", parts=bad)
         new.round = state.round + 1
         return new
 

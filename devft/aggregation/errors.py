@@ -21,6 +21,15 @@ class NonFiniteUpdateError(InvalidUpdateError):
     """A client's reply holds NaN or Inf (or the weighted sum overflowed; then ``client`` is None)."""
 
 
+class NonFiniteAggregateError(NonFiniteUpdateError):
+    """Finite replies whose aggregate is not (e.g. ``B·A`` of huge factors overflows float32); ``parts``
+    names the LoRA tensors and base-delta modules that hold NaN/Inf."""
+
+    def __init__(self, message: str, *, parts: list[str]) -> None:
+        super().__init__(message)
+        self.parts = parts
+
+
 class UnsupportedArrayError(ValueError):
     """An array devft cannot aggregate in place (not numpy-serialised, not a little-endian float, a
     malformed header, fewer bytes than the header promises, …). Code that knows whose reply it is reading

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from devft.aggregation import (
     RULES,
     InvalidUpdateError,
+    NonFiniteAggregateError,
     NonFiniteUpdateError,
     get_rule,
     ideal_delta,
@@ -303,6 +304,22 @@ def test_a_non_finite_reply_is_named(name, start):
     with pytest.raises(NonFiniteUpdateError) as info:
         rule.aggregate(rule.init_state(start), clients, [1, 2, 3])
     assert (info.value.client, info.value.key) == (1, key)
+
+
+@pytest.mark.parametrize("name,value", [("flora", 1e20), ("fedex", 1e20), ("svd", 3e38)])
+def test_finite_replies_whose_aggregate_overflows_raise_and_leave_the_state(name, value, start):
+    # B·A of 1e20-sized factors overflows float32 in the base delta; svd re-factors B·A of 3e38-sized factors
+    # into balanced float32 factors that overflow
+    rule = get_rule(name, alpha=ALPHA)
+    state = rule.init_state(start)
+    before = {k: v.clone() for k, v in state.to_tensors().items()}
+    clients = [{k: torch.full_like(v, value) for k, v in rule.client_payload(start).items()} for _ in range(2)]
+    with pytest.raises(NonFiniteAggregateError, match=f"the {name} aggregate of finite replies is not finite") as info:
+        rule.aggregate(state, clients, [1, 1])
+    assert info.value.client is None and info.value.parts
+    assert all(torch.equal(before[k], v) for k, v in state.to_tensors().items()) and state.round == 0
+    unchecked = get_rule(name, alpha=ALPHA, check_finite=False).aggregate(state, clients, [1, 1])
+    assert unchecked.non_finite_parts() == info.value.parts  # asked not to check, the caller gets what it is
 
 
 @pytest.mark.parametrize(
