@@ -23,15 +23,22 @@ __all__ = ["InvalidUpdateError", "NonFiniteUpdateError", "normalized_weights", "
 
 def normalized_weights(weights: Sequence[float] | torch.Tensor, count: int) -> list[float]:
     """Check ``weights`` (one positive finite number per client, e.g. num-examples) and return ``w / Σ w``."""
-    values = [float(w) for w in torch.as_tensor(weights, dtype=torch.float64).flatten().tolist()]
-    if len(values) != count:
-        raise InvalidUpdateError(f"expected one weight per update ({count}), got {len(values)} weights")
-    for k, w in enumerate(values):
-        if not (math.isfinite(w) and w > 0):
-            raise InvalidUpdateError(f"weight must be a positive finite number (e.g. num-examples), got {w!r}",
-                                     client=k)
-    total = math.fsum(values)
-    return [w / total for w in values]
+    raw = weights.detach().double().flatten().tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if len(raw) != count:
+        raise InvalidUpdateError(f"expected one weight per update ({count}), got {len(raw)} weights")
+    values = []
+    for k, w in enumerate(raw):
+        try:
+            value = float(w) if not isinstance(w, bool) else math.nan  # True is not a count of examples
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidUpdateError(f"weight must be a positive finite number (e.g. num-examples), got "
+                                     f"{repr(w)[:40]}", client=k)
+        values.append(value)
+    top = max(values)  # divided out first: weights near the float maximum sum without overflowing
+    total = math.fsum(w / top for w in values)
+    return [(w / top) / total for w in values]
 
 
 def _lora_rank_dim(key: str) -> int | None:

@@ -7,7 +7,7 @@ import torch
 from aggregation_cases import SMALL_MODULES, lora_key, random_lora
 from flwr.app import ArrayRecord
 
-from devft.aggregation import InvalidUpdateError, NonFiniteUpdateError, validate_updates
+from devft.aggregation import InvalidUpdateError, NonFiniteUpdateError, normalized_weights, validate_updates
 
 
 def clients(n=3, rank=4):
@@ -73,3 +73,17 @@ def test_weights_empty_and_non_finite_values():
     with pytest.raises(NonFiniteUpdateError) as info:
         validate_updates(ups, [1, 1, 1], check_finite=True)
     assert (info.value.client, info.value.key) == (0, key)
+
+
+@pytest.mark.parametrize("bad,client", [([1, True, 2], 1), ([10**400, 1, 1], 0), ([1, 2, "x"], 2), ([1, 0, 1], 1),
+                                        ([1, -3, 1], 1), ([1, 1, float("inf")], 2), ([None, 1, 1], 0)])
+def test_every_bad_weight_is_named_by_client(bad, client):
+    with pytest.raises(InvalidUpdateError, match="weight must be a positive finite number") as info:
+        normalized_weights(bad, 3)
+    assert info.value.client == client and len(str(info.value)) < 200
+
+
+def test_weights_near_the_float_maximum_or_minimum_normalise_without_overflow():
+    assert normalized_weights([1.7e308, 1.7e308], 2) == [0.5, 0.5]
+    assert normalized_weights([5e-324, 5e-324], 2) == [0.5, 0.5]
+    assert normalized_weights(torch.tensor([1.0, 3.0]), 2) == [0.25, 0.75]
