@@ -9,8 +9,9 @@ of rank ``r_k ≤ r`` receives the top ``r_k`` components (``downlink(state, ran
 
 The SVD never forms ΔW when it need not: with ``ΔW = B_s A_s`` (stacked factors, rank ``R = Σ r_k``),
 ``B_s = Q_B R_B`` and ``A_sᵀ = Q_A R_A`` give ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so only the ``R × R`` core is
-decomposed (dense SVD when ``R`` exceeds a side). Directions with ``σ = 0`` (numerically) keep the previous A row and a zero
-B column, so a LoRA direction never dies (``ΔW`` is unchanged by it).
+decomposed (dense SVD when ``R`` exceeds a side). Directions with ``σ = 0`` (numerically), or beyond the stacked rank,
+get a zero B column and a non-zero A row (the previous A's, or a seeded draw like peft's initial A where the
+server's rank exceeds the previous one), so a LoRA direction never dies (``ΔW`` is unchanged by it).
 Client: load A and B (of its rank), train, send both.
 """
 
@@ -49,6 +50,18 @@ def truncated_svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Te
     return u, s, vh.T
 
 
+def _trainable_rows(prev_a: torch.Tensor, rows: list[int], seed: int) -> torch.Tensor:
+    """A rows for directions without a component: the previous A's row where it has one, else a row drawn
+    (seeded, so every server draws the same) like peft's initial A, ``U(−1/√d_in, 1/√d_in)``."""
+    out = torch.empty(len(rows), prev_a.shape[1], dtype=torch.float64)
+    bound = 1.0 / math.sqrt(prev_a.shape[1])
+    generator = torch.Generator().manual_seed(seed)
+    for j, i in enumerate(rows):
+        out[j] = prev_a[i].double() if i < prev_a.shape[0] else torch.empty(
+            prev_a.shape[1], dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+    return out
+
+
 @register
 class SVD(AggregationRule):
     """Exact average of the products, then the best rank-r factorisation of it."""
@@ -69,7 +82,7 @@ class SVD(AggregationRule):
         sources = as_sources(updates)
         lora = dict(state.lora)
         tails: list[float] = []
-        for ka, kb in lora_modules(self.upload_keys(state.lora)).values():
+        for index, (ka, kb) in enumerate(lora_modules(self.upload_keys(state.lora)).values()):
             prev_a, prev_b = state.lora[ka], state.lora[kb]
             r = self.rank or prev_a.shape[0]
             b_parts, a_parts = [], []
@@ -91,10 +104,9 @@ class SVD(AggregationRule):
             new_a[:keep] = root[:, None] * v[:, :keep].T
             floor = float(sigma[0]) * 1e-12 if sigma.numel() else 0.0
             dead = [i for i in range(r) if i >= keep or float(sigma[i]) <= floor]
-            if dead:
+            if dead:  # B column 0 (ΔW unchanged) and a non-zero A row, so the direction trains on
                 new_b[:, dead] = 0.0
-                if prev_a.shape[0] == r:
-                    new_a[dead] = prev_a[dead].double()  # B column is 0: ΔW unchanged, the direction trains on
+                new_a[dead] = _trainable_rows(prev_a, dead, seed=(state.round << 20) + index)
             lora[ka] = new_a.to(prev_a.dtype)
             lora[kb] = new_b.to(prev_b.dtype)
         info = {"svd_tail_rel_max": max(tails, default=0.0), "svd_tail_rel_mean": sum(tails) / max(1, len(tails))}

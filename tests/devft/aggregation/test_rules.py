@@ -367,3 +367,22 @@ def test_server_state_round_trips_through_tensors_for_checkpoints(name, start):
     for module in expected:
         torch.testing.assert_close(got[module], expected[module])
     assert rule.downlink(restored).keys() == rule.downlink(state).keys()
+
+
+def test_svd_of_a_higher_rank_than_the_replies_leaves_no_direction_dead(start):
+    # rank 8 from rank-4 replies of 1 client: 4 components, the other 4 directions get B = 0 and a random A
+    rule = get_rule("svd", alpha=ALPHA, rank=8)
+    client = trained(start, 950)
+    new = rule.aggregate(rule.init_state(start), [client], [1])
+    again = get_rule("svd", alpha=ALPHA, rank=8).aggregate(rule.init_state(start), [client], [1])
+    for module, (ka, kb) in lora_modules(new.lora).items():
+        a, b = new.lora[ka], new.lora[kb]
+        assert a.shape[0] == b.shape[1] == 8
+        assert all(float(a[i].abs().max()) > 0 for i in range(8)), module  # no dead direction
+        assert float(b[:, 4:].abs().max()) == 0.0  # the added directions do not change ΔW
+        assert torch.equal(a, again.lora[ka])  # seeded: every server draws the same
+        bound = 1 / math.sqrt(a.shape[1])
+        assert float(a[4:].abs().max()) <= bound
+    ideal = ideal_delta([client], [1], alpha=ALPHA)
+    for module, delta in rule.effective_delta(new).items():
+        assert rel(delta, ideal[module]) < 1e-5  # exact: the stacked rank 4 fits
