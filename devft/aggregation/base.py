@@ -220,6 +220,7 @@ class AggregationRule:
     personalised: ClassVar[bool] = False
     frozen: ClassVar[tuple[str, ...]] = ()
     fresh_lora_each_round: ClassVar[bool] = False
+    lora_pairs_only: ClassVar[bool] = False  # the rule works on (A, B) products: no other trainable tensor
 
     def __init__(self, *, alpha: float, backend: str = "auto", check_finite: bool = True,
                  threads: int | None = None) -> None:
@@ -257,11 +258,20 @@ class AggregationRule:
     def init_state(self, lora: Mapping[str, torch.Tensor]) -> ServerState:
         """The state before round 1 from the initial global adapters (what clients start from)."""
         lora_modules(k for k in lora if lora_part(k) is not None)  # pairs check
+        self._check_only_pairs(lora)
         return ServerState(lora={k: v.detach().clone() for k, v in lora.items()})
+
+    def _check_only_pairs(self, lora: Mapping[str, torch.Tensor]) -> None:
+        others = [k for k in lora if lora_part(k) is None]
+        if self.lora_pairs_only and others:
+            raise ValueError(f"rule {self.name!r} aggregates products B·A of LoRA factor pairs, so it cannot "
+                             f"aggregate {len(others)} other tensor(s), e.g. {others[0]!r}; use fedit, ffa or "
+                             "fedsa, or adapt only LoRA factors")
 
     def validate(self, state: ServerState, updates: Sequence[Update], weights: Sequence[float]) -> list[float]:
         """Check replies against the state (keys, shapes, dtypes, weights); return ``p_k = n_k / Σ n``."""
         p = normalized_weights(weights, len(updates))
+        self._check_only_pairs(state.lora)
         validate_updates(updates, weights, expected=self.expected_upload(state),
                          rank_free=self.heterogeneous_ranks)
         return p

@@ -27,6 +27,7 @@ class FedEx(AggregationRule):
     name = "fedex"
     paper = "Singhal et al., FedEx-LoRA: Exact Aggregation for Federated Fine-Tuning of Foundation Models, ACL 2025"
     exact = True
+    lora_pairs_only = True
     changes_base = True
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:

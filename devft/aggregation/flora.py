@@ -45,6 +45,7 @@ class FLoRA(AggregationRule):
     downloads = ()
     fresh_lora_each_round = True
     exact = True
+    lora_pairs_only = True
     heterogeneous_ranks = True
     changes_base = True
 

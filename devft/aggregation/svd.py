@@ -69,6 +69,7 @@ class SVD(AggregationRule):
     name = "svd"
     paper = "Bai et al., Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources (FlexLoRA), NeurIPS 2024"
     exact = False
+    lora_pairs_only = True
     heterogeneous_ranks = True
 
     def __init__(self, *, alpha: float, rank: int | None = None, backend: str = "auto", check_finite: bool = True,

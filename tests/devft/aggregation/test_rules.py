@@ -18,6 +18,7 @@ from devft.aggregation import (
     InvalidUpdateError,
     NonFiniteAggregateError,
     NonFiniteUpdateError,
+    ServerState,
     get_rule,
     ideal_delta,
     lora_modules,
@@ -386,3 +387,22 @@ def test_svd_of_a_higher_rank_than_the_replies_leaves_no_direction_dead(start):
     ideal = ideal_delta([client], [1], alpha=ALPHA)
     for module, delta in rule.effective_delta(new).items():
         assert rel(delta, ideal[module]) < 1e-5  # exact: the stacked rank 4 fits
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rules_of_products_refuse_tensors_that_are_not_lora_factors(name, start):
+    # a trainable head beside the LoRA: averaged by fedit/ffa/fedsa, refused by name by flora/fedex/svd
+    with_head = {**start, "head.weight": torch.randn(3, 5)}
+    rule = get_rule(name, alpha=ALPHA)
+    if not rule.lora_pairs_only:
+        state = rule.init_state(with_head)
+        clients = [rule.client_payload({**trained(start, 960 + k, keep_a=(name == "ffa")),
+                                        "head.weight": torch.full((3, 5), float(k))}) for k in range(2)]
+        assert torch.equal(rule.aggregate(state, clients, [1, 3]).lora["head.weight"], torch.full((3, 5), 0.75))
+        return
+    with pytest.raises(ValueError, match=f"rule '{name}' aggregates products B·A .* e.g. 'head.weight'"):
+        rule.init_state(with_head)
+    clients = [{**rule.client_payload(trained(start, 960 + k)), "head.weight": torch.zeros(3, 5)} for k in range(2)]
+    with pytest.raises(ValueError, match="e.g. 'head.weight'"):
+        rule.aggregate(ServerState(lora=with_head), clients, [1, 1])
+    assert {n for n, cls in RULES.items() if cls.lora_pairs_only} == {"flora", "fedex", "svd"}
