@@ -33,6 +33,7 @@ from devft.growth import (
     GrowthPlan,
     build_submodel,
     make_plan,
+    model_fingerprint,
     plan_stage,
     put_layers,
     select_layers,
@@ -102,6 +103,9 @@ class GlobalModel:
         self.num_layers = self.loaded.num_layers
         self.schedule = method_schedule(config, self.num_layers)
         self.model = attach_lora(self.loaded.model, config.lora, seed=config.federation.seed)
+        # plans name the base model by a fingerprint of its weights, which evaluations with a base delta
+        # (FLoRA, FedEx-LoRA) change in place: take it now, from the pristine weights, once per process
+        model_fingerprint(self.model)
         self._submodel: tuple[str, torch.nn.Module] | None = None
         self._full_plans: dict[int, GrowthPlan] = {}
 
@@ -114,7 +118,8 @@ class GlobalModel:
         return {k: v.clone() for k, v in lora_state(self.model).items()}
 
     def plan(self, stage: int, full_lora: LoraState) -> StagePlan:
-        """Plan ``stage`` from the current full LoRA state."""
+        """Plan ``stage`` from the current full LoRA state (and the pristine base weights)."""
+        set_base_delta(self.model, {})
         plan, similarity = plan_stage(
             self.model,
             self.schedule,
@@ -180,6 +185,7 @@ class GlobalModel:
         key = plan.to_json()
         if self._submodel is None or self._submodel[0] != key:
             self._submodel = None
+            set_base_delta(self.model, {})  # built from W₀, as clients do: the submodel's own Δ goes on top
             sub = build_submodel(self.model, plan)
             self._submodel = (key, attach_lora(sub, self.config.lora, seed=self.config.federation.seed))
         model = self._submodel[1]

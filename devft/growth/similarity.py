@@ -295,8 +295,9 @@ def _lora_hooks(model: nn.Module, lora: Mapping[str, torch.Tensor] | None, scale
             target = get_base() if callable(get_base) else target
 
             def hook(_module: nn.Module, args: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
-                x = args[0].to(a.dtype)
-                return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+                x = args[0].to(a.dtype)  # peft keeps LoRA in float32 on a 16-bit model; the output keeps its dtype
+                term = scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+                return output + term.to(output.dtype)
 
             handles.append(target.register_forward_hook(hook))
     return handles

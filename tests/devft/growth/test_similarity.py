@@ -121,3 +121,44 @@ def test_unknown_view_and_missing_calibration_are_refused():
         layer_similarity(model, "raw")
     with pytest.raises(ValueError, match="calibration batch or a tokenizer"):
         layer_similarity(model, "cka")
+
+
+def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of (tokens, features) matrices, the feature-space form ‖YᵀX‖² / (‖XᵀX‖ ‖YᵀY‖)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def test_functional_views_equal_an_independent_computation_from_hidden_states():
+    # transformers' own hidden states (embeddings, then each layer's output; the last one after the final
+    # norm, so left out), over the real tokens without the first one (the attention sink)
+    loaded = load_model("tiny-llama")
+    batch = calibration_batch(loaded.tokenizer, num_sequences=6, max_length=32)
+    with torch.no_grad():
+        states = loaded.model(**batch, output_hidden_states=True).hidden_states
+    tokens = batch["attention_mask"].bool().clone()
+    tokens[:, 0] = False
+    outs = [h[tokens].double() for h in states[1:-1]]
+    ins = [h[tokens].double() for h in states[:-2]]
+    n = len(outs)
+    expected = {
+        "cka": [[_linear_cka(a, b) for b in outs] for a in outs],
+        "update-cka": [[_linear_cka(oa - ia, ob - ib) for ob, ib in zip(outs, ins)] for oa, ia in zip(outs, ins)],
+        "hidden": [[float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()) for b in outs] for a in outs],
+    }
+    for view, matrix in expected.items():
+        got = layer_similarity(loaded.model, view, calibration=batch)[:n, :n]
+        np.testing.assert_allclose(got, np.array(matrix), atol=1e-6, err_msg=view)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("view", ["hidden", "cka", "update-cka"])
+def test_functional_views_with_lora_run_on_16_bit_models(view, dtype, make_lora):
+    # peft keeps LoRA in float32 on a 16-bit model: the added term must not turn the layer's output float32
+    state = make_lora("tiny-llama", SETTINGS)
+    loaded = load_model("tiny-llama")
+    batch = calibration_batch(loaded.tokenizer, num_sequences=4, max_length=24)
+    reference = layer_similarity(loaded.model, view, lora=state, lora_scale=SETTINGS.scale, calibration=batch)
+    low = load_model("tiny-llama", dtype=dtype).model
+    got = layer_similarity(low, view, lora=state, lora_scale=SETTINGS.scale, calibration=batch)
+    np.testing.assert_allclose(got, reference, atol=0.05)

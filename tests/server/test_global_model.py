@@ -1,0 +1,42 @@
+"""The server's own model under a base delta (FLoRA, FedEx-LoRA): evaluations write ``W₀ + Δ`` into it in
+place, and nothing planned or built afterwards may see those weights as the base."""
+
+from __future__ import annotations
+
+import torch
+
+from devft.aggregation.client_side import lora_layers
+from devft.growth import build_submodel, model_fingerprint
+from devft.models import decoder_layers
+
+
+def test_a_base_delta_never_leaks_into_plans_or_submodels(smoke_config, private_env):
+    from server.global_model import GlobalModel
+
+    config = smoke_config(federation__method="progfed", federation__aggregation="flora", model__name="tiny-llama",
+                          eval__generate=False)
+    first = GlobalModel(config, test=[])
+    planned = first.plan(0, first.initial_lora()).plan  # made by the first process, on pristine weights
+    pristine = {k: v.clone() for k, v in first.model.state_dict().items() if "lora_" not in k}
+    sub_lora = first.submodel_lora(first.initial_lora(), planned)
+
+    from devft.data import generate_task_suite
+
+    test = generate_task_suite(2, seed=3)
+    resumed = GlobalModel(config, test=test)  # a resumed process: its first evaluation applies the delta
+    module = next(iter(lora_layers(resumed.model)))
+    weight = lora_layers(resumed.model)[module].get_base_layer().weight
+    delta = {module: torch.full(tuple(weight.shape), 1e-2)}
+    resumed.evaluate_full(resumed.initial_lora(), delta)
+    assert not torch.equal(weight, pristine[next(k for k in pristine if k.startswith(module) and "weight" in k)])
+    assert model_fingerprint(resumed.model) == planned.base_fingerprint
+    resumed.evaluate_submodel(planned, sub_lora, {})  # no PlanMismatchError: the plan names the pristine model
+    built = resumed._submodel[1]
+    expected = build_submodel(first.model, planned, use_cache=False)
+    for got, want in zip(decoder_layers(built), decoder_layers(expected), strict=True):
+        base = {n.replace(".base_layer", ""): t for n, t in got.state_dict().items() if "lora_" not in n}
+        assert base.keys() == want.state_dict().keys()
+        for name, tensor in want.state_dict().items():
+            assert torch.equal(base[name], tensor), name  # fused from W₀, not W₀ + Δ
+    again = resumed.plan(0, resumed.initial_lora()).plan
+    assert again == planned
