@@ -1,7 +1,7 @@
 """Turn train replies into validated client updates, or into recorded failures.
 
 A reply is accepted only if it carries no error, exactly the LoRA keys the aggregation rule expects with the
-expected shapes (in either wire format: one array per tensor or packed), a wire dtype (float32 / float16),
+expected shapes (in either wire format: one array per tensor or packed), the run's wire dtype (float32 or float16),
 finite values, and a MetricRecord with a positive
 integer ``num-examples`` (at most 2**53) and a finite ``train-loss``. Anything else raises :class:`InvalidReply` inside :func:`parse_train_reply` and
 is recorded as a failure of that client: it never reaches the global model.
@@ -51,13 +51,17 @@ class ClientFailure:
 
 
 def parse_train_reply(
-    reply: Message, expected: Mapping[str, tuple[int, ...]], rank_free: bool = False
+    reply: Message, expected: Mapping[str, tuple[int, ...]], rank_free: bool = False,
+    wire_dtype: torch.dtype | None = None,
 ) -> ClientUpdate:
     """Validate ``reply`` against the expected LoRA ``{key: shape}``; raise :class:`InvalidReply` if unusable.
 
     The arrays are checked by :func:`devft.aggregation.validate_updates` (keys, shapes, finite values; with
-    ``rank_free`` the LoRA rank may differ), the envelope, the wire dtype and ``num-examples`` here.
+    ``rank_free`` the LoRA rank may differ), the envelope, the dtype and ``num-examples`` here: every array
+    must be ``wire_dtype`` (the run's ``federation.wire_dtype``, so all replies of a round agree and can be
+    summed), or, without it, one of :data:`WIRE_DTYPES`.
     """
+    allowed = WIRE_DTYPES if wire_dtype is None else (wire_dtype,)
     node = reply.metadata.src_node_id
     if reply.has_error():
         raise InvalidReply(f"client raised: {reply.error.reason}")
@@ -81,9 +85,10 @@ def parse_train_reply(
         source = as_source(record)
         for key in source.keys():
             dtype = source.meta(key)[0]
-            if dtype not in WIRE_DTYPES:
-                raise InvalidReply(f"{key} has dtype {str(dtype).removeprefix('torch.')}, expected one of "
-                                   f"{[str(d).removeprefix('torch.') for d in WIRE_DTYPES]}")
+            if dtype not in allowed:
+                raise InvalidReply(f"{key} has dtype {str(dtype).removeprefix('torch.')}, expected "
+                                   f"{' or '.join(str(d).removeprefix('torch.') for d in allowed)} (the run's wire "
+                                   "dtype)")
     except InvalidReply:
         raise
     except UnsupportedArrayError as err:

@@ -144,10 +144,14 @@ def round_lora_seed(seed: int, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def wire_torch_dtype(fed: FederationSettings) -> torch.dtype:
+    """The torch dtype of ``federation.wire_dtype``: what the server sends and every reply must carry."""
+    return torch.float16 if fed.wire_dtype == "float16" else torch.float32
+
+
 def _to_record(state: Mapping[str, torch.Tensor], fed: FederationSettings) -> ArrayRecord:
     """What the server sends: ``state`` in the run's wire dtype and wire format."""
-    torch_dtype = torch.float16 if fed.wire_dtype == "float16" else torch.float32
-    return wire_record({k: v.detach().to(torch_dtype) for k, v in state.items()}, fed.wire_format)
+    return wire_record({k: v.detach().to(wire_torch_dtype(fed)) for k, v in state.items()}, fed.wire_format)
 
 
 class DevFTStrategy(Strategy):
@@ -273,7 +277,8 @@ class DevFTStrategy(Strategy):
                 continue
             answered.add(pid)
             try:
-                update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks)
+                update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks,
+                                           wire_dtype=wire_torch_dtype(self.fed))
             except InvalidReply as err:
                 log.warning("round %d: reply of partition %s (node %d) rejected: %s", server_round, pid, node, err)
                 self._round.failures.append(ClientFailure(node, pid, str(err)))

@@ -397,6 +397,29 @@ def test_unreadable_arrays_are_a_rejected_reply_not_a_failed_round(smoke_config,
     assert "fewer than its header promises" in reasons[2] and "malformed .npy header" in reasons[3]
 
 
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+@pytest.mark.parametrize("fmt", ["packed", "arrays"])
+def test_a_reply_in_another_wire_dtype_is_rejected_not_a_crashed_round(smoke_config, private_env, tmp_path, wire, fmt):
+    # both dtypes are fine on the wire, but one round's replies must agree to be summed: the run's is required
+    from devft.aggregation import wire_record
+
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path, federation__wire_dtype=wire,
+                                                   federation__max_update_norm_ratio=3.0)
+    other = torch.float32 if wire == "float16" else torch.float16
+    ours = {k: torch.ones_like(v).to(getattr(torch, wire)) for k, v in sub.items()}
+    odd = {k: torch.ones_like(v).to(other) for k, v in sub.items()}
+    replies = []
+    for pid in range(4):
+        arrays = wire_record(odd if pid == 3 else ours, fmt)
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid})
+        replies.append(Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=by_pid[pid]))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 3
+    [failure] = strategy._round.failures
+    name = str(other).removeprefix("torch.")
+    assert failure.partition_id == 3 and f"has dtype {name}, expected {wire} (the run's wire dtype)" in failure.reason
+
+
 def _packed_reply_with_manifest(request: Message, lora: dict[str, torch.Tensor], manifest: Array, pid: int) -> Message:
     from devft.aggregation.packed import MANIFEST_KEY, pack_arrayrecord
 
