@@ -29,8 +29,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ran_with(run_dir: Path, config) -> bool:
+    """Whether the run in ``run_dir`` was run with ``config`` (keys its ``config.json`` lacks count as their
+    defaults: the behaviour from before the key existed)."""
+    from devft.config import changed_keys, flatten_config_dict
+
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return False
+    readable = isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())
+    return readable and not changed_keys(flatten_config_dict(saved), config)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from devft.config import changed_keys, flatten_config_dict, load_config, parse_overrides
+    from devft.config import load_config, parse_overrides
     from devft.reports import write_comparison
     from server.launch import simulate
     from server.run_dir import RunDirectory
@@ -45,15 +59,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for name, config in configs:
         run_dir = out / name
         directory = RunDirectory(run_dir)
-        if args.reuse and directory.summary.exists():
-            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
-            readable = isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())
-            if not readable or changed_keys(flatten_config_dict(saved), config):
+        finished = directory.summary.exists()
+        if args.reuse and finished:
+            if not _ran_with(run_dir, config):
                 raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these --set "
                                  "overrides; drop --reuse to run it again, or use another --out")
             print(f"reusing {run_dir}")
         else:
-            simulate(config, run_dir, resume=directory.has_checkpoint())  # a torn first save is no checkpoint
+            # an interrupted run of this very config continues; a finished one (without --reuse) or one of
+            # another config runs afresh (the earlier one is set aside until the new one completes)
+            resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config)
+            print(f"{'resuming the interrupted run in' if resume else 'running'} {run_dir}")
+            simulate(config, run_dir, resume=resume)
         run_dirs.append(run_dir)
     table = write_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss)
     print(table.read_text())
@@ -154,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the runs and comparison.md")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every config")
     p.add_argument("--target-eval-loss", type=float, default=0.0, help="cost-to-target threshold (default: worst final)")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs already in --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs already in --out (refused if their config differs); without it, "
+                        "finished runs are run again and interrupted runs of the same config resumed")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="centralised LoRA training on all clients' data (upper bound)")

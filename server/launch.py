@@ -45,39 +45,36 @@ def backend_config(config: RunConfig) -> dict[str, Any]:
     }
 
 
-PREVIOUS_RUN = ".previous-run"  # inside the run directory: the earlier run, until the new one completes
+PREVIOUS_RUN = ".previous-run"  # inside the run directory: the last complete run, until a new one completes
+PREVIOUS_PARTIAL = ".previous-partial-run"  # the last interrupted run (resumable), until a new one completes
 
 
-def set_aside_previous_run(directory: RunDirectory) -> Path | None:
-    """Starting afresh in a directory that holds an earlier run: move that run's files (only devft's) into
-    ``PREVIOUS_RUN`` there, so that nothing is lost if the new run fails; :func:`drop_previous_run` deletes
-    them once the new run has completed. A complete run (with its summary) always replaces an older set-aside
-    one; a partial run does not replace a complete one. Returns the set-aside folder, or None."""
+def set_aside_previous_run(directory: RunDirectory) -> list[Path]:
+    """Starting afresh in a directory that holds an earlier run: move that run's files (only devft's) aside
+    inside it, so that nothing is lost if the new run fails; :func:`drop_previous_runs` deletes them once a
+    run there has completed. A complete run (with its summary) goes to ``PREVIOUS_RUN``, replacing an older
+    one; an interrupted one to ``PREVIOUS_PARTIAL`` (its checkpoint still resumes there), so a partial run
+    never replaces the last complete one and neither is deleted before a new run completes. Returns the
+    folders that hold set-aside runs."""
     stale = [directory.path / name for name in _RUN_ARTIFACTS if (directory.path / name).exists()]
-    if not stale:
-        return None
-    aside = directory.path / PREVIOUS_RUN
-    complete = directory.summary.exists()
-    if aside.exists() and not complete:  # a partial run over a set-aside complete one: keep the complete one
-        log.warning("%s holds a partial run (no summary): deleting it; the earlier complete run stays in %s",
-                    directory.path, aside)
+    if stale:
+        aside = directory.path / (PREVIOUS_RUN if directory.summary.exists() else PREVIOUS_PARTIAL)
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
         for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return aside
-    if aside.exists():
-        shutil.rmtree(aside)
-    aside.mkdir()
-    for path in stale:
-        path.rename(aside / path.name)
-    log.warning("%s holds an earlier run: it is moved to %s and deleted when this run completes "
-                "(use --resume to continue it instead)", directory.path, aside)
-    return aside
+            path.rename(aside / path.name)
+        log.warning("%s holds an earlier %s run: it is moved to %s and deleted when this run completes "
+                    "(use --resume to continue a run instead)", directory.path,
+                    "complete" if aside.name == PREVIOUS_RUN else "interrupted", aside)
+    return [directory.path / name for name in (PREVIOUS_RUN, PREVIOUS_PARTIAL) if (directory.path / name).exists()]
 
 
-def drop_previous_run(aside: Path | None) -> None:
-    """Delete the set-aside earlier run (the new run has completed)."""
-    if aside is not None and aside.exists():
-        shutil.rmtree(aside)
+def drop_previous_runs(directory: RunDirectory) -> None:
+    """Delete the set-aside earlier runs (a run in ``directory``, new or resumed, has completed)."""
+    for name in (PREVIOUS_RUN, PREVIOUS_PARTIAL):
+        if (directory.path / name).exists():
+            shutil.rmtree(directory.path / name)
 
 
 class _RoundBar:
@@ -117,7 +114,7 @@ def simulate(
     """Run ``config`` on the simulation engine with one virtual SuperNode per data partition.
 
     Writes the run directory of DESIGN.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
-    earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when this one completes. ``num_supernodes`` defaults to ``data.num_clients``.
+    earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when a run there completes. ``num_supernodes`` defaults to ``data.num_clients``.
     """
     from flwr.simulation import run_simulation
 
@@ -131,7 +128,7 @@ def simulate(
         raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
     data = build_federated_data(config.data)
     global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
-    aside = None if resume else set_aside_previous_run(directory)
+    asides = [] if resume else set_aside_previous_run(directory)
     supernodes = num_supernodes or config.data.num_clients
     done = len(directory.read_metrics()) if resume else 0
     bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
@@ -162,9 +159,9 @@ def simulate(
         flwr_logger.propagate = propagate
         if bar is not None:
             bar.progress.stop()
-        if aside is not None and not directory.summary.exists():
-            log.warning("the earlier run is kept in %s", aside)
+        if asides and not directory.summary.exists():
+            log.warning("the earlier runs are kept in %s", ", ".join(str(a) for a in asides))
     if not directory.summary.exists():
         raise RuntimeError(f"the simulation ended without writing {directory.summary}: see the log above")
-    drop_previous_run(aside)
+    drop_previous_runs(directory)
     return directory.path

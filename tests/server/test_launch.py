@@ -17,6 +17,8 @@ def fake_run(path, summary: bool = True) -> None:
     (path / "metrics.jsonl").write_text('{"round": 1}\n')
     (path / "adapter").mkdir()
     (path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (path / "checkpoint").mkdir()
+    (path / "checkpoint" / "state.pt").write_bytes(b"state")
     if summary:
         (path / "summary.json").write_text('{"rounds": 1}')
 
@@ -42,24 +44,44 @@ def test_an_earlier_run_survives_a_new_run_that_fails(smoke_config, private_env,
     assert not (out / "summary.json").exists() and (out / "notes.txt").read_text() == "mine"
 
 
-def test_set_aside_keeps_the_last_complete_run(tmp_path):
-    from server.launch import PREVIOUS_RUN, drop_previous_run, set_aside_previous_run
+def test_set_aside_keeps_the_last_complete_and_the_last_interrupted_run(tmp_path):
+    from server.launch import PREVIOUS_PARTIAL, PREVIOUS_RUN, drop_previous_runs, set_aside_previous_run
     from server.run_dir import RunDirectory
 
     out = tmp_path / "run"
-    assert set_aside_previous_run(RunDirectory(out)) is None  # nothing there
+    directory = RunDirectory(out)
+    assert set_aside_previous_run(directory) == []  # nothing there
     fake_run(out)
-    aside = set_aside_previous_run(RunDirectory(out))
-    assert aside == out / PREVIOUS_RUN and (aside / "summary.json").exists() and not (out / "metrics.jsonl").exists()
-    fake_run(out, summary=False)  # a new run interrupted before its end
-    assert set_aside_previous_run(RunDirectory(out)) == aside
-    assert (aside / "summary.json").exists() and not (out / "metrics.jsonl").exists()  # the partial one is gone
-    fake_run(out)  # a complete run replaces the set-aside one
+    complete, partial = out / PREVIOUS_RUN, out / PREVIOUS_PARTIAL
+    assert set_aside_previous_run(directory) == [complete]
+    assert (complete / "summary.json").exists() and not (out / "metrics.jsonl").exists()
+    fake_run(out, summary=False)  # a new run interrupted before its end: its checkpoint is kept too
+    assert set_aside_previous_run(directory) == [complete, partial]
+    assert (complete / "summary.json").exists() and (partial / "checkpoint" / "state.pt").exists()
+    assert not (out / "metrics.jsonl").exists()
+    fake_run(out)  # a complete run replaces the set-aside complete one
     (out / "summary.json").write_text('{"rounds": 2}')
-    set_aside_previous_run(RunDirectory(out))
-    assert (aside / "summary.json").read_text() == '{"rounds": 2}'
-    drop_previous_run(aside)
-    assert not aside.exists()
+    set_aside_previous_run(directory)
+    assert (complete / "summary.json").read_text() == '{"rounds": 2}' and partial.exists()
+    drop_previous_runs(directory)
+    assert not complete.exists() and not partial.exists()
+
+
+def test_a_completed_run_new_or_resumed_drops_the_set_aside_runs(smoke_config, private_env, tmp_path, monkeypatch):
+    import flwr.simulation
+
+    from server.launch import PREVIOUS_PARTIAL, PREVIOUS_RUN, simulate
+
+    out = tmp_path / "run"
+    fake_run(out)
+    (out / PREVIOUS_PARTIAL).mkdir()
+
+    def completes(**kwargs):
+        (out / "summary.json").write_text('{"rounds": 3}')
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", completes)
+    simulate(smoke_config(), out, progress=False, resume=True)  # resumed: nothing new set aside, old ones dropped
+    assert not (out / PREVIOUS_RUN).exists() and not (out / PREVIOUS_PARTIAL).exists()
 
 
 def test_out_that_is_a_file_is_refused_before_anything_runs(smoke_config, private_env, tmp_path):
@@ -89,6 +111,29 @@ def test_compare_reuse_refuses_a_run_of_another_config(smoke_config, private_env
     assert main(["compare", str(SMOKE), "--out", str(out), "--reuse"]) == 0
     assert f"reusing {out / SMOKE.stem}" in capsys.readouterr().out
     assert main(["compare", str(SMOKE), "--out", str(out), "--reuse", "--set", "federation.max_update_norm=2"]) == 2
+
+
+@pytest.mark.parametrize("finished,same_config,resumed", [(True, True, False), (False, True, True),
+                                                          (False, False, False)])
+def test_compare_runs_finished_runs_again_and_resumes_interrupted_ones_of_the_same_config(
+        smoke_config, private_env, tmp_path, monkeypatch, capsys, finished, same_config, resumed):
+    import devft.reports
+    import server.launch
+    from devft.cli import main
+
+    out = tmp_path / "cmp"
+    fake_run(out / SMOKE.stem, summary=finished)
+    config = smoke_config() if same_config else smoke_config(lora__r=2)
+    (out / SMOKE.stem / "config.json").write_text(json.dumps(config_to_dict(config)))
+    calls = []
+    monkeypatch.setattr(server.launch, "simulate", lambda config, run_dir, resume: calls.append(resume))
+    table = tmp_path / "comparison.md"
+    table.write_text("table")
+    monkeypatch.setattr(devft.reports, "write_comparison", lambda *a, **k: table)
+    assert main(["compare", str(SMOKE), "--out", str(out)]) == 0
+    assert calls == [resumed]
+    said = capsys.readouterr().out
+    assert ("resuming the interrupted run in" in said) == resumed and "reusing" not in said
 
 
 def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, private_env, tmp_path, capsys):
