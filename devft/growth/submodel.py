@@ -71,7 +71,11 @@ def fused_layers(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -> 
 def _read_cache(
     folder: Path, capacity: int, expected: Mapping[str, tuple[int, ...]]
 ) -> list[dict[str, torch.Tensor]] | None:
-    flat = load_file(str(folder / _LAYERS_FILE))
+    try:
+        flat = load_file(str(folder / _LAYERS_FILE))
+    except Exception as err:  # torn, corrupt, or replaced by a concurrent writer: the cache is only a shortcut
+        log.warning("submodel cache %s is unreadable (%s: %s): rebuilding", folder, type(err).__name__, err)
+        return None
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(capacity)]
     for key, tensor in flat.items():
         index, _, name = key.partition(".")

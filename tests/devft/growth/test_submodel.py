@@ -134,7 +134,8 @@ def test_cache_gives_the_same_submodel_bit_for_bit(isolated_submodel_cache, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_corrupt_cache_entry_is_rebuilt(isolated_submodel_cache):
+@pytest.mark.parametrize("content", ["wrong shapes", "garbage", "cut short", "empty"])
+def test_a_corrupt_cache_entry_is_rebuilt(isolated_submodel_cache, content):
     from safetensors.torch import save_file
 
     loaded = load_model("tiny-llama")
@@ -142,10 +143,18 @@ def test_a_corrupt_cache_entry_is_rebuilt(isolated_submodel_cache):
     reference = build_submodel(loaded.model, plan, use_cache=False)
     folder = isolated_submodel_cache / plan.build_hash()
     folder.mkdir(parents=True)
-    save_file({"0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(folder / "layers.safetensors"))
+    path = folder / "layers.safetensors"
+    save_file({"0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(path))
+    if content == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 10)
+    elif content == "cut short":
+        path.write_bytes(path.read_bytes()[:-20])
+    elif content == "empty":
+        path.write_bytes(b"")
     rebuilt = build_submodel(loaded.model, plan)
     a, b = reference.state_dict(), rebuilt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert build_submodel(loaded.model, plan).state_dict().keys() == a.keys()  # the rewritten entry reads
 
 
 def test_a_plan_for_another_base_model_is_refused():
