@@ -24,7 +24,7 @@ import dataclasses
 
 from devft.aggregation import AggregationRule, check_compatible, get_rule
 from devft.config import RunConfig
-from devft.growth import GrowthSettings, StageSchedule, make_schedule
+from devft.growth import SIMILARITY_MODES, GrowthSettings, StageSchedule, make_schedule
 
 
 def method_rule(config: RunConfig) -> AggregationRule:
@@ -61,6 +61,15 @@ def check_run(config: RunConfig) -> None:
             f"data.num_clients={config.data.num_clients}"
         )
     method_rule(config)
+    growth = method_growth(config)
+    if config.federation.method == "devft" and growth.similarity == "lora" and growth.grouping in SIMILARITY_MODES:
+        raise ValueError(
+            f"growth.similarity='lora' with growth.grouping={growth.grouping!r}: the lora view compares the layers' "
+            "trained updates B·A, but stage 0 starts from a fresh LoRA (B = 0) and has none"
+            + (f", and with federation.aggregation={config.federation.aggregation!r} the server never holds a B"
+               if config.federation.aggregation == "fedsa" else "")
+            + "; use a view of the weights or activations (cka, hidden, flat, ...)"
+        )
 
 
 def method_growth(config: RunConfig) -> GrowthSettings:

@@ -316,6 +316,19 @@ def test_rules_that_change_the_base_weights_need_float32_weights(smoke_config, p
     check_run(smoke_config(federation__aggregation="fedit", federation__method="fedit", model__dtype=dtype))
 
 
+@pytest.mark.parametrize("aggregation", ["fedit", "fedsa"])
+def test_the_lora_similarity_view_is_refused_for_a_run_before_anything_loads(smoke_config, private_env, aggregation):
+    from server.methods import check_run
+
+    with pytest.raises(ValueError, match="growth.similarity='lora' with growth.grouping='dglg'.*stage 0 starts from a "
+                                         "fresh LoRA") as info:
+        check_run(smoke_config(growth__similarity="lora", growth__grouping="dglg",
+                               federation__aggregation=aggregation))
+    assert ("never holds a B" in str(info.value)) == (aggregation == "fedsa")
+    check_run(smoke_config(growth__similarity="lora", growth__grouping="even"))  # no similarity needed
+    check_run(smoke_config(growth__similarity="lora", federation__method="fedit"))  # one full-depth stage
+
+
 def test_sampling_is_reproducible_and_independent_of_node_ids(private_env):
     from client.app import app as client_app
 
