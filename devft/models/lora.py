@@ -57,10 +57,28 @@ class LoraSettings:
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters (A seeded, B = 0, so the model's output is unchanged)."""
     family = family_of(model)
+    _check_targets(model, settings.targets or family.lora_targets, family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, settings.peft_config(family))
     return peft_model
+
+
+def _check_targets(model: nn.Module, targets: tuple[str, ...], family: Family) -> None:
+    """Every target names linear modules of the decoder layers (peft's rule: the module's name or its last
+    dotted parts); growth fuses and transfers decoder layers only, so a module outside them is refused."""
+    inside = family.layers_path + "."
+    names = [name.removeprefix("base_model.model.") for name, _ in model.named_modules()]
+    for target in targets:
+        matched = [n for n in names if n == target or n.endswith("." + target)]
+        if not matched:
+            raise ValueError(f"lora.targets={tuple(targets)!r}: {target!r} names no module of this "
+                             f"{family.name} model (its layers have e.g. {list(family.lora_targets)})")
+        outside = [n for n in matched if not n.startswith(inside)]
+        if outside:
+            raise ValueError(f"lora.targets={tuple(targets)!r}: {target!r} matches {outside[0]!r}, outside the "
+                             f"decoder layers ({family.layers_path}.N); devft grows, fuses and transfers decoder "
+                             "layers only, so LoRA must stay inside them")
 
 
 def lora_state(model: nn.Module) -> LoraState:

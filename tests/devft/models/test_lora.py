@@ -1,0 +1,19 @@
+"""LoRA targets: what peft would adapt must lie inside the decoder layers that growth fuses and transfers."""
+
+from __future__ import annotations
+
+import pytest
+
+from devft.models import LoraSettings, attach_lora, load_model
+
+
+@pytest.mark.parametrize("targets,match", [
+    (("q_proj", "nosuch_proj"), "'nosuch_proj' names no module of this llama model"),
+    (("q_proj", "lm_head"), "'lm_head' matches 'lm_head', outside the decoder layers"),
+    (("embed_tokens",), "'embed_tokens' matches 'model.embed_tokens', outside the decoder layers"),
+])
+def test_lora_targets_outside_the_decoder_layers_are_refused_by_name(targets, match):
+    model = load_model("tiny-llama").model
+    with pytest.raises(ValueError, match=r"lora.targets=\(.*\): " + match):
+        attach_lora(model, LoraSettings(r=2, targets=targets))
+    attach_lora(load_model("tiny-llama").model, LoraSettings(r=2, targets=("q_proj", "mlp.down_proj")))
