@@ -109,3 +109,22 @@ def test_similarity_modes_need_a_valid_matrix():
         group_layers(8, 9, "even")
     with pytest.raises(ValueError, match="mode='kmeans'"):
         group_layers(8, 2, "kmeans")
+
+
+@pytest.mark.parametrize("normalised", [True, False])
+@pytest.mark.parametrize("n,k", [(30, 4), (19, 11), (8, 3)])
+def test_spectral_embedding_is_scikit_learns(normalised, n, k):
+    # normalised (dglg): eigenvectors of I − D^-½ W D^-½ scaled by D^-½; unnormalised (dglg-ratiocut): of D − W
+    from sklearn.manifold import spectral_embedding as sklearn_embedding
+
+    from devft.growth.grouping import spectral_embedding
+
+    rng = np.random.default_rng(n * k)
+    x = rng.normal(size=(n, 5)) + np.linspace(0, 3, n)[:, None] * rng.normal(size=(1, 5))  # a drift over depth
+    affinity = affinity_from_similarity(np.corrcoef(x))
+    ours = spectral_embedding(affinity, k, normalised=normalised)
+    theirs = sklearn_embedding(affinity, n_components=k, norm_laplacian=normalised, drop_first=False, random_state=0)
+    for c in range(k):  # each eigenvector up to its sign
+        assert min(np.abs(ours[:, c] - theirs[:, c]).max(), np.abs(ours[:, c] + theirs[:, c]).max()) < 1e-9, c
+    other = spectral_embedding(affinity, k, normalised=not normalised)
+    assert np.abs(np.abs(other) - np.abs(ours)).max() > 1e-3  # the two Laplacians are told apart
