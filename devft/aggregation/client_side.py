@@ -91,6 +91,10 @@ def set_base_delta(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None
     returns). ``W₀`` is the weight the module had before the first call (kept on the module), so calling this
     each round with the cumulative delta is idempotent; modules missing from ``deltas`` go back to ``W₀``.
     GPT-2's transposed Conv1D weights are handled (peft's ``fan_in_fan_out``).
+
+    ``W₀`` is never written: the weight gets a new tensor instead, so a submodel whose layers share their
+    tensors with the base model (:func:`devft.growth.build_submodel` shares every layer it does not fuse)
+    leaves the base model as it was.
     """
     layers = lora_layers(model)
     unknown = sorted(set(deltas) - set(layers))
@@ -102,10 +106,10 @@ def set_base_delta(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None
             pristine = getattr(base, _PRISTINE, None)
             if name not in deltas:
                 if pristine is not None:
-                    base.weight.copy_(pristine)
+                    base.weight.data = pristine
                 continue
             if pristine is None:
-                pristine = base.weight.detach().clone()
+                pristine = base.weight.data  # the tensor itself, maybe the base model's too: never written
                 setattr(base, _PRISTINE, pristine)
             delta = deltas[name].to(torch.float32)
             if getattr(layer, "fan_in_fan_out", False):
@@ -113,7 +117,7 @@ def set_base_delta(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None
             if tuple(delta.shape) != tuple(base.weight.shape):
                 raise ValueError(f"base delta for {name!r} has shape {tuple(deltas[name].shape)}, the weight is "
                                  f"{tuple(base.weight.shape)}")
-            base.weight.copy_((pristine.to(torch.float32) + delta.to(pristine.device)).to(base.weight.dtype))
+            base.weight.data = (pristine.to(torch.float32) + delta.to(pristine.device)).to(pristine.dtype)
 
 
 def personal_state(model: nn.Module, rule: AggregationRule) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Build a stage's submodel from a plan and the base model: a real transformers model with L_s fused layers.
 
 The submodel shares (does not copy) the base model's embeddings, final norm and LM head, which are frozen;
-its decoder layers are new modules holding the fused base weights, in the order of their anchors, with
+its decoder layers are new modules holding the fused base weights (or, for a layer that needs no fusion, the
+base layer's own tensors: shared, never written), in the order of their anchors, with
 ``layer_idx``, ``config.num_hidden_layers`` and ``config.layer_types`` made consistent so training,
 loss and generation with a KV cache work. Fused layers are cached on disk by plan hash under
 ``cache_root()/submodels/<hash>/`` (safetensors, written atomically), so a client process restarted every
@@ -55,35 +56,43 @@ def build_submodel(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -
 
 
 def fused_layers(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -> list[dict[str, torch.Tensor]]:
-    """The fused base tensors of each submodel layer: from the disk cache, or fused now (and cached)."""
-    expected = {name: tuple(t.shape) for name, t in base_layer_tensors(model)[0].items()}
+    """The base tensors of each submodel layer. A layer that needs no fusion (a group of one, or any group
+    under ``r-one``: the anchor as it is) is the base model's own tensors, shared, not copied: the full-depth
+    stage and FedIT hold the model's weights once, not twice. Fused layers come from the disk cache, or are
+    fused now (and cached)."""
+    base = base_layer_tensors(model)
+    kept = {k: base[group[0]] for k, group in enumerate(plan.groups) if len(group) == 1 or plan.fusion == "r-one"}
+    fuse = [k for k in range(len(plan.groups)) if k not in kept]
+    if not fuse:
+        return [kept[k] for k in range(len(plan.groups))]
+    expected = {name: tuple(t.shape) for name, t in base[0].items()}
     folder = submodel_cache_dir(plan)
-    if use_cache and (folder / _LAYERS_FILE).exists():
-        loaded = _read_cache(folder, plan.capacity, expected)
-        if loaded is not None:
-            return loaded
-    fused = fuse_base_layers(model, plan.groups, plan.fusion, plan.beta)
-    if use_cache:
-        _write_cache(folder, fused, plan)
-    return fused
+    fused = _read_cache(folder, fuse, expected) if use_cache and (folder / _LAYERS_FILE).exists() else None
+    if fused is None:
+        groups = [plan.groups[k] for k in fuse]
+        fused = dict(zip(fuse, fuse_base_layers(model, groups, plan.fusion, plan.beta)))
+        if use_cache:
+            _write_cache(folder, fused, plan)
+    return [kept[k] if k in kept else fused[k] for k in range(len(plan.groups))]
 
 
 def _read_cache(
-    folder: Path, capacity: int, expected: Mapping[str, tuple[int, ...]]
-) -> list[dict[str, torch.Tensor]] | None:
+    folder: Path, indices: list[int], expected: Mapping[str, tuple[int, ...]]
+) -> dict[int, dict[str, torch.Tensor]] | None:
+    """The cached fused layers ``indices`` of a plan (submodel layer index → tensors), or None to rebuild."""
     try:
         flat = load_file(str(folder / _LAYERS_FILE))
     except Exception as err:  # torn, corrupt, or replaced by a concurrent writer: the cache is only a shortcut
         log.warning("submodel cache %s is unreadable (%s: %s): rebuilding", folder, type(err).__name__, err)
         return None
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(capacity)]
+    out: dict[int, dict[str, torch.Tensor]] = {k: {} for k in indices}
     for key, tensor in flat.items():
         index, _, name = key.partition(".")
-        if not index.isdigit() or int(index) >= capacity:
+        if not index.isdigit() or int(index) not in out:
             log.warning("submodel cache %s has an unexpected tensor %s: rebuilding", folder, key)
             return None
         out[int(index)][name] = tensor
-    for layer in out:
+    for layer in out.values():
         if {n: tuple(t.shape) for n, t in layer.items()} != dict(expected):
             log.warning("submodel cache %s does not match the model's layers: rebuilding", folder)
             return None
@@ -91,12 +100,12 @@ def _read_cache(
     return out
 
 
-def _write_cache(folder: Path, fused: list[dict[str, torch.Tensor]], plan: GrowthPlan) -> None:
+def _write_cache(folder: Path, fused: Mapping[int, dict[str, torch.Tensor]], plan: GrowthPlan) -> None:
     """Write to a temporary sibling directory, then rename it into place (atomic on one file system)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        flat = {f"{k}.{name}": t.contiguous() for k, layer in enumerate(fused) for name, t in layer.items()}
+        flat = {f"{k}.{name}": t.contiguous() for k, layer in fused.items() for name, t in layer.items()}
         save_file(flat, str(staging / _LAYERS_FILE), metadata={"plan": plan.to_json()})
         (staging / "plan.json").write_text(plan.to_json() + "\n")
         if folder.exists():  # a stale or concurrent entry: replace it

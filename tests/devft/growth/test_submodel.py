@@ -194,3 +194,36 @@ def test_smollm2_stage_submodels_build_fast_and_work():
     full = make_plan(loaded.model, 3, 30, GrowthSettings())
     with torch.no_grad():
         assert torch.equal(build_submodel(loaded.model, full)(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("grouping,fusion", [("even", "dblf"), ("first", "dblf"), ("even", "r-one")])
+def test_layers_that_need_no_fusion_share_the_base_tensors_and_stay_untouched(
+        isolated_submodel_cache, grouping, fusion):
+    # the full-depth stage (FedIT's only one) holds the weights once; a base delta (FLoRA, FedEx-LoRA) set on
+    # the submodel gives its layers new tensors and leaves the base model's as they were
+    from devft.aggregation.client_side import lora_layers, set_base_delta
+
+    loaded = load_model("tiny-llama")
+    base_ptrs = {t.data_ptr() for layer in base_layer_tensors(loaded.model) for t in layer.values()}
+    pristine = copy.deepcopy(loaded.model.state_dict())
+    for capacity in (8, 3):
+        plan = make_plan(loaded.model, 0, capacity, GrowthSettings(grouping=grouping, fusion=fusion))
+        sub = build_submodel(loaded.model, plan)
+        unfused = [k for k, g in enumerate(plan.groups) if len(g) == 1 or fusion == "r-one"]
+        for k, layer in enumerate(base_layer_tensors(sub)):
+            assert all((t.data_ptr() in base_ptrs) == (k in unfused) for t in layer.values()), (capacity, k)
+        cached = list(isolated_submodel_cache.glob("*/layers.safetensors"))
+        assert bool(cached) == (len(unfused) < capacity)  # nothing fused, nothing cached
+        model = attach_lora(sub, LORA)
+        deltas = {name: torch.full(tuple(layer.get_base_layer().weight.shape), 0.5)
+                  for name, layer in lora_layers(model).items()}
+        set_base_delta(model, deltas)
+        for layer in lora_layers(model).values():
+            base = layer.get_base_layer()
+            assert base.weight.data_ptr() not in base_ptrs
+            assert float((base.weight - base._devft_pristine_weight).abs().max()) == pytest.approx(0.5)
+        after = loaded.model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in pristine.items())
+        set_base_delta(model, {})  # back to W₀: the shared tensors again
+        for layer in base_layer_tensors(sub)[: 1 if 0 in unfused else 0]:
+            assert all(t.data_ptr() in base_ptrs for t in layer.values())
