@@ -130,6 +130,7 @@ class _RoundLog:
     aggregated: bool = False
     skipped: str | None = None  # why the update was skipped, when it was
     aggregate_s: float = 0.0
+    validate_s: float = 0.0  # reading and checking the replies (headers, keys, shapes, finite values)
     update_norms: dict[int, float] = field(default_factory=dict)  # partition → ‖update‖ (norm_bound.py)
     update_norm_bound: float | None = None  # this round's bound (None: federation.max_update_norm* unset)
     update_norm_s: float = 0.0
@@ -276,6 +277,7 @@ class DevFTStrategy(Strategy):
                 self._round.failures.append(ClientFailure(node, pid, why))
                 continue
             answered.add(pid)
+            checked = time.perf_counter()
             try:
                 update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks,
                                            wire_dtype=wire_torch_dtype(self.fed))
@@ -283,6 +285,8 @@ class DevFTStrategy(Strategy):
                 log.warning("round %d: reply of partition %s (node %d) rejected: %s", server_round, pid, node, err)
                 self._round.failures.append(ClientFailure(node, pid, str(err)))
                 continue
+            finally:
+                self._round.validate_s += time.perf_counter() - checked
             update.partition_id = -1 if pid is None else pid
             update.wire_bytes = size
             self._round.updates.append(update)
@@ -651,6 +655,7 @@ class DevFTStrategy(Strategy):
             "client_train_s_sum": sum(train_s),
             "round_wall_s": round_wall_s,
             "aggregate_s": r.aggregate_s,
+            "validate_s": r.validate_s,
             "update_norm_s": r.update_norm_s,
             "update_norm_median": statistics.median_low(r.update_norms.values()) if r.update_norms else None,
             "update_norm_max": max(r.update_norms.values()) if r.update_norms else None,

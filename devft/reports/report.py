@@ -54,7 +54,7 @@ def write_report(run_dir: str | Path) -> Path:
                 f"rounds skipped, {_fmt(totals.get('updates_clipped'))} updates scaled back onto the norm bound"
             )
     lines += ["", "## Rounds", ""]
-    header = "| round | stage | layers | ok/sampled | failed | MiB up | MiB down | train loss | eval loss | eval acc | round s | agg s | peak RSS MiB |"
+    header = "| round | stage | layers | ok/sampled | failed | MiB up | MiB down | train loss | eval loss | eval acc | round s | check s | agg s | peak RSS MiB |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in run.rounds:
         lines.append(
@@ -62,7 +62,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"{_fmt(r.get('clients_ok'))}/{_fmt(r.get('clients_sampled'))} | {_fmt(r.get('clients_failed'))} | "
             f"{_mib(r.get('bytes_up'))} | {_mib(r.get('bytes_down'))} | {_fmt(r.get('train_loss'))} | "
             f"{_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_accuracy'))} | {_fmt(r.get('round_wall_s'), '.1f')} | "
-            f"{_fmt(r.get('aggregate_s'), '.3f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |"
+            f"{_fmt(r.get('validate_s'), '.3f')} | {_fmt(r.get('aggregate_s'), '.3f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |"
         )
     lines += _incidents(run.rounds)
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]

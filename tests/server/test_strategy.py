@@ -23,7 +23,7 @@ from server.sampling import discover_partitions, sample_partitions
 ROW_FIELDS = {
     "round", "stage", "submodel_layers", "clients_sampled", "clients_ok", "clients_failed", "bytes_up",
     "bytes_down", "train_flops", "client_train_s_mean", "client_train_s_max", "round_wall_s", "aggregate_s",
-    "peak_rss_mb", "train_loss", "eval_loss", "eval_accuracy", "submodel_eval_loss",
+    "validate_s", "peak_rss_mb", "train_loss", "eval_loss", "eval_accuracy", "submodel_eval_loss",
 }  # fmt: skip
 
 
@@ -52,6 +52,7 @@ def test_devft_run_writes_the_run_directory(devft_run):
         assert r["clients_sampled"] == r["clients_ok"] == 2 and r["clients_failed"] == 0
         assert r["train_flops"] > 0 and r["peak_rss_mb"] > 0 and math.isfinite(r["train_loss"])
         assert r["client_train_s_max"] >= r["client_train_s_mean"] > 0
+        assert 0 < r["validate_s"] < r["round_wall_s"] and 0 < r["aggregate_s"] < r["round_wall_s"]
     # eval every 2 rounds (and at the end); null otherwise
     assert [r["eval_loss"] is not None for r in table] == [False, True, False, True]
     assert table[1]["submodel_eval_loss"] != table[1]["eval_loss"]  # 4-layer submodel vs the full model
