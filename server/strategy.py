@@ -70,7 +70,8 @@ def number(row: Mapping[str, Any], key: str) -> float:
 RESUME_MAY_CHANGE = frozenset(
     {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
 )
-"""Config keys a resumed run may change (they do not change what is computed)."""
+"""Config keys a resumed run may change (they do not change what is trained; ``client_eval`` adds evaluation
+messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``)."""
 
 
 @dataclass
@@ -123,8 +124,10 @@ class _RoundLog:
     """What the hooks of one round learnt, for its metrics row."""
 
     sampled: list[int] = field(default_factory=list)  # partition ids
-    bytes_down: int = 0
+    bytes_down: int = 0  # every message of the round, evaluation included
     bytes_up: int = 0
+    eval_bytes_down: int = 0  # the evaluation messages' share of the above
+    eval_bytes_up: int = 0
     updates: list[ClientUpdate] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)
     aggregated: bool = False
@@ -373,7 +376,9 @@ class DevFTStrategy(Strategy):
              "eval-split": split, "client-state-key": state.client_state_key}
         )
         messages = self._messages(arrays, record, self._round.sampled, MessageType.EVALUATE, server_round)
-        self._round.bytes_down += sum(wire_bytes(m) for m in messages)
+        size = sum(wire_bytes(m) for m in messages)
+        self._round.bytes_down += size
+        self._round.eval_bytes_down += size
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -389,7 +394,9 @@ class DevFTStrategy(Strategy):
         over the replies (counting their bytes), and how many replies were counted."""
         rows: list[tuple[float, float, float | None]] = []  # (examples, loss, accuracy)
         for reply in replies:
-            self._round.bytes_up += wire_bytes(reply)
+            size = wire_bytes(reply)
+            self._round.bytes_up += size
+            self._round.eval_bytes_up += size
             if reply.has_error():
                 log.warning("round %d: client evaluation failed: %s", server_round, reply.error.reason)
                 continue
@@ -649,6 +656,8 @@ class DevFTStrategy(Strategy):
             "failures": [{"partition": f.partition_id, "reason": f.reason} for f in r.failures],
             "bytes_up": r.bytes_up,
             "bytes_down": r.bytes_down,
+            "eval_bytes_up": r.eval_bytes_up,
+            "eval_bytes_down": r.eval_bytes_down,
             "train_flops": sum(flops),
             "client_train_s_mean": statistics.fmean(train_s) if train_s else None,
             "client_train_s_max": max(train_s) if train_s else None,
@@ -706,6 +715,8 @@ class DevFTStrategy(Strategy):
             "totals": {
                 "bytes_up": int(sum(number(r, "bytes_up") for r in rows)),
                 "bytes_down": int(sum(number(r, "bytes_down") for r in rows)),
+                "eval_bytes_up": int(sum(number(r, "eval_bytes_up") for r in rows)),
+                "eval_bytes_down": int(sum(number(r, "eval_bytes_down") for r in rows)),
                 "train_flops": float(sum(number(r, "train_flops") for r in rows)),
                 "client_train_s": float(sum(number(r, "client_train_s_sum") for r in rows)),
                 "clients_failed": int(sum(number(r, "clients_failed") for r in rows)),

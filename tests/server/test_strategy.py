@@ -53,6 +53,7 @@ def test_devft_run_writes_the_run_directory(devft_run):
         assert r["train_flops"] > 0 and r["peak_rss_mb"] > 0 and math.isfinite(r["train_loss"])
         assert r["client_train_s_max"] >= r["client_train_s_mean"] > 0
         assert 0 < r["validate_s"] < r["round_wall_s"] and 0 < r["aggregate_s"] < r["round_wall_s"]
+        assert r["eval_bytes_up"] == r["eval_bytes_down"] == 0  # the server evaluates: no messages
     # eval every 2 rounds (and at the end); null otherwise
     assert [r["eval_loss"] is not None for r in table] == [False, True, False, True]
     assert table[1]["submodel_eval_loss"] != table[1]["eval_loss"]  # 4-layer submodel vs the full model
@@ -165,6 +166,7 @@ def test_client_that_always_raises_is_a_recorded_failure(smoke_config, run_inpro
         assert (r["clients_sampled"], r["clients_ok"], r["clients_failed"]) == (4, 3, 1)
         # federated evaluation on all four (partition 1 only fails at training)
         assert r["client_eval_clients"] == 4 and math.isfinite(r["client_eval_loss"])
+        assert 0 < r["eval_bytes_down"] < r["bytes_down"] and 0 < r["eval_bytes_up"] < r["bytes_up"]
         assert r["aggregated"] is True
         assert r["failures"][0]["partition"] == 1 and "told to raise" in r["failures"][0]["reason"]
         assert math.isfinite(r["eval_loss"])
