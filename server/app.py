@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from devft.config import RunConfig, config_from_flat
 from devft.data import build_federated_data
 from server.global_model import GlobalModel
-from server.run_dir import RunDirectory
+from server.run_dir import RunDirectory, locked
 from server.strategy import DevFTStrategy
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -77,9 +77,10 @@ def run_server(
     if global_model is None:
         global_model = GlobalModel(config, build_federated_data(config.data).test)
     directory = RunDirectory(run_dir)
-    strategy = DevFTStrategy(config, directory, global_model, resume=resume, on_round=on_round)
-    strategy.start(grid=grid)
-    report = write_report(directory.path)
+    with locked(directory.path):
+        strategy = DevFTStrategy(config, directory, global_model, resume=resume, on_round=on_round)
+        strategy.start(grid=grid)
+        report = write_report(directory.path)
     log(INFO, "[devft] run directory: %s", directory.path)
     log(INFO, "[devft] report: %s", report)
     return directory.path

@@ -23,7 +23,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from devft.config import RunConfig
 from devft.data import build_federated_data
 from server.global_model import GlobalModel
-from server.run_dir import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, STAGES_DIR, SUMMARY_FILE, RunDirectory
+from server.run_dir import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    STAGES_DIR,
+    SUMMARY_FILE,
+    RunDirectory,
+    locked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,45 +131,46 @@ def simulate(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file, not a directory")
-    directory = RunDirectory(out_dir)
-    if resume and not directory.has_checkpoint():
-        raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
-    data = build_federated_data(config.data)
-    global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
-    asides = [] if resume else set_aside_previous_run(directory)
-    supernodes = num_supernodes or config.data.num_clients
-    done = len(directory.read_metrics()) if resume else 0
-    bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
-    server_app = build_server_app(
-        config, directory.path, resume=resume, on_round=[bar] if bar else [], global_model=global_model
-    )
-    log.info("simulating %d clients (%d per round) into %s", supernodes, config.federation.clients_per_round, directory.path)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning; CPU-only
-    # The server (planning, evaluation) shares the machine with the client workers: give it the CPU share of
-    # one client. Measured on 2 shared cores: SmolLM2 evaluation with 2 torch threads under load took
-    # 90-120 s, with 1 thread about 30 s (OpenMP threads spin when cores are oversubscribed).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.federation.client_cpus)))
-    flwr_logger = logging.getLogger("flwr")
-    propagate = flwr_logger.propagate
-    flwr_logger.propagate = False  # Flower prints through its own handler; do not print every line twice
-    if bar is not None:
-        bar.progress.start()
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=supernodes,
-            backend_config=backend_config(config),
+    with locked(out_dir):  # one run at a time in a directory: a second one would interleave rows and checkpoints
+        directory = RunDirectory(out_dir)
+        if resume and not directory.has_checkpoint():
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
+        data = build_federated_data(config.data)
+        global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
+        asides = [] if resume else set_aside_previous_run(directory)
+        supernodes = num_supernodes or config.data.num_clients
+        done = len(directory.read_metrics()) if resume else 0
+        bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
+        server_app = build_server_app(
+            config, directory.path, resume=resume, on_round=[bar] if bar else [], global_model=global_model
         )
-    finally:
-        torch.set_num_threads(threads)
-        flwr_logger.propagate = propagate
+        log.info("simulating %d clients (%d per round) into %s", supernodes, config.federation.clients_per_round, directory.path)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning; CPU-only
+        # The server (planning, evaluation) shares the machine with the client workers: give it the CPU share of
+        # one client. Measured on 2 shared cores: SmolLM2 evaluation with 2 torch threads under load took
+        # 90-120 s, with 1 thread about 30 s (OpenMP threads spin when cores are oversubscribed).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(config.federation.client_cpus)))
+        flwr_logger = logging.getLogger("flwr")
+        propagate = flwr_logger.propagate
+        flwr_logger.propagate = False  # Flower prints through its own handler; do not print every line twice
         if bar is not None:
-            bar.progress.stop()
-        if asides and not directory.summary.exists():
-            log.warning("the earlier runs are kept in %s", ", ".join(str(a) for a in asides))
-    if not directory.summary.exists():
-        raise RuntimeError(f"the simulation ended without writing {directory.summary}: see the log above")
-    drop_previous_runs(directory)
+            bar.progress.start()
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=supernodes,
+                backend_config=backend_config(config),
+            )
+        finally:
+            torch.set_num_threads(threads)
+            flwr_logger.propagate = propagate
+            if bar is not None:
+                bar.progress.stop()
+            if asides and not directory.summary.exists():
+                log.warning("the earlier runs are kept in %s", ", ".join(str(a) for a in asides))
+        if not directory.summary.exists():
+            raise RuntimeError(f"the simulation ended without writing {directory.summary}: see the log above")
+        drop_previous_runs(directory)
     return directory.path

@@ -7,10 +7,12 @@ so the file always matches the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,50 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+LOCK_FILE = ".devft-lock"
+_HELD: dict[Path, list] = {}  # locks this process holds: path → [open lock file, depth]
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process is running in this run directory."""
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the run directory ``path`` for this process (an exclusive ``flock`` on ``path/.devft-lock``, the
+    holder's pid written in it); re-entrant within the process. A second run there, whose rows and
+    checkpoints would interleave with this one's, raises :class:`RunDirectoryBusy` naming the holder."""
+    path = Path(path).resolve()
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 (held until the run ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirectoryBusy(f"run directory {str(path)!r} is in use by another devft run (pid {holder}); "
+                               "wait for it to end, or choose another --out / run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        _HELD.pop(path)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 class RunDirectory:

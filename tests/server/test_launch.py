@@ -145,3 +145,31 @@ def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, p
     assert main(["eval", str(SMOKE), "--adapter", str(tmp_path / "adapter")]) == 2
     err = capsys.readouterr().err
     assert "does not load onto model.name='tiny-llama'" in err and "not found in the base model" in err
+
+
+def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke_config, private_env, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from server.launch import simulate
+    from server.run_dir import LOCK_FILE, RunDirectoryBusy, locked
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, '.'); from server.run_dir import locked\n"
+        f"with locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=str(SMOKE.parents[2]))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fake_run(out)  # the other run's files: nothing may move them
+        with pytest.raises(RunDirectoryBusy, match=f"in use by another devft run \\(pid {holder.pid}\\)"):
+            simulate(smoke_config(), out, progress=False)
+        assert (out / "summary.json").exists() and not (out / ".previous-run").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with locked(out), locked(out):  # free again, and re-entrant within a process
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
