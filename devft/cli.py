@@ -99,8 +99,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from devft.models import load_model
     from devft.training import evaluate
 
-    config = _config(args.config, args.set)
     adapter = Path(args.adapter)
+    run_config = adapter.parent / "config.json"
+    if args.config is None and run_config.exists():  # a run's adapter: that run's model, data and eval
+        from devft.config import config_from_flat, flatten_config_dict, parse_overrides
+
+        config = config_from_flat({**flatten_config_dict(json.loads(run_config.read_text())),
+                                   **parse_overrides(args.set or [])})
+        print(f"config: {run_config} (the run's own; pass a CONFIG to use another)", file=sys.stderr)
+    else:
+        config = _config(args.config, args.set)
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {str(adapter)!r} holds no adapter_config.json (not a peft adapter)")
     loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
@@ -182,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on the full model")
-    with_config(p, "TOML config naming model and data (default: the quickstart)")
+    with_config(p, "TOML config naming model and data (default: the run's config.json when the adapter is a "
+                   "run's adapter/, else the quickstart)")
     p.add_argument("--adapter", required=True, help="adapter directory (peft format)")
     p.set_defaults(func=_cmd_eval)
 

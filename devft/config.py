@@ -122,6 +122,8 @@ class FederationSettings:
         check_bound_settings(self.max_update_norm, self.max_update_norm_ratio, prefix="federation.")
         if not self.reply_timeout_s > 0:
             raise ValueError(f"federation.reply_timeout_s must be > 0, got reply_timeout_s={self.reply_timeout_s!r}")
+        if self.seed < 0:
+            raise ValueError(f"federation.seed must be >= 0, got seed={self.seed!r}")
         self.faults()  # validates fault_injection
 
     def faults(self) -> dict[int, str]:
@@ -136,6 +138,9 @@ class FederationSettings:
                     f"federation.fault_injection items are PARTITION:MODE with MODE in {FAULT_MODES}, "
                     f"got fault_injection={self.fault_injection!r}"
                 )
+            if int(pid) in out:
+                raise ValueError(f"federation.fault_injection names partition {int(pid)} twice (one mode each), "
+                                 f"got fault_injection={self.fault_injection!r}")
             out[int(pid)] = mode.strip()
         return out
 

@@ -720,7 +720,7 @@ class DevFTStrategy(Strategy):
                 "train_flops": float(sum(number(r, "train_flops") for r in rows)),
                 "client_train_s": float(sum(number(r, "client_train_s_sum") for r in rows)),
                 "clients_failed": int(sum(number(r, "clients_failed") for r in rows)),
-                "rounds_skipped": int(sum(1 for r in rows if not r["aggregated"])),
+                "rounds_skipped": int(sum(1 for r in rows if not r.get("aggregated", True))),  # older rows lack it
                 "updates_clipped": int(sum(len(r.get("clipped") or ()) for r in rows)),
             },
             "final": {

@@ -51,6 +51,8 @@ def test_toml_and_overrides_with_kebab_keys_and_strings(tmp_path):
         ("growth.seed", "-1", "growth.seed must be >= 0, got seed=-1"),
         ("data.seed", "-1", "data.seed must be >= 0, got seed=-1"),
         ("train.seed", "-1", "train.seed must be >= 0, got seed=-1"),
+        ("federation.seed", "-1", "federation.seed must be >= 0, got seed=-1"),
+        ("federation.fault_injection", "0:raise,0:nan", "names partition 0 twice"),
         ("federation.client_cpus", "nan", "client_cpus must be a finite number > 0, got client_cpus=nan"),
         ("federation.client_gpus", "inf", "client_gpus must be a finite number >= 0, got client_gpus=inf"),
         # TOML values of the wrong kind are refused, not coerced

@@ -173,3 +173,20 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke
     time.sleep(0.1)
     with locked(out), locked(out):  # free again, and re-entrant within a process
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env, tmp_path, capsys):
+    # without a CONFIG, `devft eval --adapter RUN/adapter` reads RUN/config.json (the smoke run's tiny model
+    # and data), not the quickstart's SmolLM2, onto which this adapter would not even load
+    from devft.cli import main
+    from devft.models import LoraSettings, attach_lora, load_model
+
+    config = smoke_config(eval__generate=False)
+    run = tmp_path / "run"
+    attach_lora(load_model("tiny-llama").model, LoraSettings(r=config.lora.r)).save_pretrained(run / "adapter")
+    (run / "config.json").write_text(json.dumps(config_to_dict(config)))
+    assert main(["eval", "--adapter", str(run / "adapter"), "--set", "eval.max_examples=3"]) == 0
+    captured = capsys.readouterr()
+    assert f"config: {run / 'config.json'}" in captured.err
+    result = json.loads(captured.out)
+    assert result["num_examples"] == 3 and result["eval_accuracy"] is None
