@@ -47,12 +47,19 @@ def discover_partitions(
     partition id outside ``[0, num_partitions)``, or claim a partition another node already claimed are
     left out (and logged).
     """
-    start = time.monotonic()
+    start = last_said = time.monotonic()
     while len(node_ids := sorted(grid.get_node_ids())) < num_partitions:
-        if len(node_ids) >= min_required and time.monotonic() - start > wait_s:
+        waited = time.monotonic() - start
+        if len(node_ids) >= min_required and waited > wait_s:
             log.warning("going on with %d of %d nodes connected", len(node_ids), num_partitions)
             break
-        log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
+        if len(node_ids) < min_required and time.monotonic() - last_said >= 30.0:  # waits for as long as it takes
+            last_said = time.monotonic()
+            log.warning("waiting for nodes (%.0f s): %d connected, a round needs %d (federation.clients_per_round) "
+                        "of the %d partitions (data.num_clients): start more SuperNodes or lower "
+                        "federation.clients_per_round", waited, len(node_ids), min_required, num_partitions)
+        else:
+            log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
         time.sleep(poll_s)
     messages = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type=PARTITION_QUERY)
