@@ -176,6 +176,8 @@ def _lora_terms(
     if not any(bool(b.any()) for _, b in factors):
         return np.zeros((num_layers, num_layers))  # B = 0 everywhere: effective weights are the base weights
     rank = factors[0][0].shape[0]
+    device = weights[0].device  # the LoRA state may be on the CPU while the model is not
+    factors = [(a.to(device), b.to(device)) for a, b in factors]
     b_t = torch.cat([b.T.to(torch.float32) for _, b in factors])  # (L·r, d_out)
     cross = np.zeros((num_layers, num_layers))  # cross[i, j] = <W_i, B_j A_j>
     for i, w in enumerate(weights):
@@ -243,6 +245,7 @@ def _layer_activations(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each decoder layer's input and output hidden states on the kept calibration tokens: (tokens, hidden)."""
     layers = decoder_layers(model)
+    device = next(layers[0].parameters()).device  # the calibration batch goes where the model is
     mask = calibration["attention_mask"].bool().clone()
     first = mask.float().argmax(dim=1)
     mask[torch.arange(mask.shape[0]), first] = False  # drop each sequence's first (attention-sink) token
@@ -256,8 +259,9 @@ def _layer_activations(
         def hook(_module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
-            captured_in[index] = hidden_in.reshape(-1, hidden_in.shape[-1])[keep].float()
-            captured_out[index] = hidden_out.reshape(-1, hidden_out.shape[-1])[keep].float()
+            rows = keep.to(hidden_in.device)
+            captured_in[index] = hidden_in.reshape(-1, hidden_in.shape[-1])[rows].float().cpu()
+            captured_out[index] = hidden_out.reshape(-1, hidden_out.shape[-1])[rows].float().cpu()
 
         return hook
 
@@ -272,7 +276,8 @@ def _layer_activations(
     disable = getattr(model, "disable_adapter", None)
     try:
         with disable() if callable(disable) else contextlib.nullcontext():  # only `lora` counts
-            trunk(input_ids=calibration["input_ids"], attention_mask=calibration["attention_mask"], use_cache=False)
+            trunk(input_ids=calibration["input_ids"].to(device), attention_mask=calibration["attention_mask"].to(device),
+                  use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -293,6 +298,7 @@ def _lora_hooks(model: nn.Module, lora: Mapping[str, torch.Tensor] | None, scale
             target = layers[index].get_submodule(name)
             get_base = getattr(target, "get_base_layer", None)
             target = get_base() if callable(get_base) else target
+            a, b = a.to(target.weight.device), b.to(target.weight.device)
 
             def hook(_module: nn.Module, args: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
                 x = args[0].to(a.dtype)  # peft keeps LoRA in float32 on a 16-bit model; the output keeps its dtype

@@ -67,7 +67,8 @@ def fused_layers(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -> 
         return [kept[k] for k in range(len(plan.groups))]
     expected = {name: tuple(t.shape) for name, t in base[0].items()}
     folder = submodel_cache_dir(plan)
-    fused = _read_cache(folder, fuse, expected) if use_cache and (folder / _LAYERS_FILE).exists() else None
+    device = next(iter(base[0].values())).device  # cached layers are read onto the model's device
+    fused = _read_cache(folder, fuse, expected, device) if use_cache and (folder / _LAYERS_FILE).exists() else None
     if fused is None:
         groups = [plan.groups[k] for k in fuse]
         fused = dict(zip(fuse, fuse_base_layers(model, groups, plan.fusion, plan.beta)))
@@ -77,11 +78,11 @@ def fused_layers(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -> 
 
 
 def _read_cache(
-    folder: Path, indices: list[int], expected: Mapping[str, tuple[int, ...]]
+    folder: Path, indices: list[int], expected: Mapping[str, tuple[int, ...]], device: torch.device
 ) -> dict[int, dict[str, torch.Tensor]] | None:
     """The cached fused layers ``indices`` of a plan (submodel layer index → tensors), or None to rebuild."""
     try:
-        flat = load_file(str(folder / _LAYERS_FILE))
+        flat = load_file(str(folder / _LAYERS_FILE), device=str(device))
     except Exception as err:  # torn, corrupt, or replaced by a concurrent writer: the cache is only a shortcut
         log.warning("submodel cache %s is unreadable (%s: %s): rebuilding", folder, type(err).__name__, err)
         return None
