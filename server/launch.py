@@ -57,24 +57,39 @@ PREVIOUS_RUN = ".previous-run"  # inside the run directory: the last complete ru
 PREVIOUS_PARTIAL = ".previous-partial-run"  # the last interrupted run (resumable), until a new one completes
 
 
+def _rounds_run(folder: Path) -> int:
+    """Rows in a run folder's metrics.jsonl (how far it got), 0 without one."""
+    metrics = folder / METRICS_FILE
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
+
+
 def set_aside_previous_run(directory: RunDirectory) -> list[Path]:
     """Starting afresh in a directory that holds an earlier run: move that run's files (only devft's) aside
     inside it, so that nothing is lost if the new run fails; :func:`drop_previous_runs` deletes them once a
     run there has completed. A complete run (with its summary) goes to ``PREVIOUS_RUN``, replacing an older
-    one; an interrupted one to ``PREVIOUS_PARTIAL`` (its checkpoint still resumes there), so a partial run
-    never replaces the last complete one and neither is deleted before a new run completes. Returns the
-    folders that hold set-aside runs."""
+    complete one; an interrupted one to ``PREVIOUS_PARTIAL``, where an interrupted run already set aside stays
+    if it got further (a checkpoint counts first, then rounds run), so a run that failed early never pushes
+    out one that could be resumed. Returns the folders that hold set-aside runs."""
     stale = [directory.path / name for name in _RUN_ARTIFACTS if (directory.path / name).exists()]
     if stale:
-        aside = directory.path / (PREVIOUS_RUN if directory.summary.exists() else PREVIOUS_PARTIAL)
-        if aside.exists():
-            shutil.rmtree(aside)
-        aside.mkdir()
-        for path in stale:
-            path.rename(aside / path.name)
-        log.warning("%s holds an earlier %s run: it is moved to %s and deleted when this run completes "
-                    "(use --resume to continue a run instead)", directory.path,
-                    "complete" if aside.name == PREVIOUS_RUN else "interrupted", aside)
+        complete = directory.summary.exists()
+        aside = directory.path / (PREVIOUS_RUN if complete else PREVIOUS_PARTIAL)
+        progress = (directory.has_checkpoint(), _rounds_run(directory.path))
+        if not complete and aside.exists() and (RunDirectory(aside).has_checkpoint(), _rounds_run(aside)) > progress:
+            log.warning("%s holds an interrupted run that got less far than the one kept in %s: deleting it",
+                        directory.path, aside)
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            if aside.exists():
+                log.warning("%s replaces the run set aside in %s", directory.path, aside)
+                shutil.rmtree(aside)
+            aside.mkdir()
+            for path in stale:
+                path.rename(aside / path.name)
+            log.warning("%s holds an earlier %s run: it is moved to %s and deleted when a run there completes "
+                        "(use --resume to continue a run instead)", directory.path,
+                        "complete" if complete else "interrupted", aside)
     return [directory.path / name for name in (PREVIOUS_RUN, PREVIOUS_PARTIAL) if (directory.path / name).exists()]
 
 
@@ -131,12 +146,14 @@ def simulate(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file, not a directory")
+    directory = RunDirectory(out_dir)
+    if resume and not directory.has_checkpoint():
+        raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
+    data = build_federated_data(config.data)
+    global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
     with locked(out_dir):  # one run at a time in a directory: a second one would interleave rows and checkpoints
-        directory = RunDirectory(out_dir)
-        if resume and not directory.has_checkpoint():
+        if resume and not directory.has_checkpoint():  # checked again, now that no other run can move it
             raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
-        data = build_federated_data(config.data)
-        global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
         asides = [] if resume else set_aside_previous_run(directory)
         supernodes = num_supernodes or config.data.num_clients
         done = len(directory.read_metrics()) if resume else 0

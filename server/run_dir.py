@@ -12,6 +12,8 @@ import fcntl
 import json
 import math
 import os
+import socket
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,47 +46,64 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 LOCK_FILE = ".devft-lock"
-_HELD: dict[Path, list] = {}  # locks this process holds: path → [open lock file, depth]
+_HELD: dict[Path, list] = {}  # locks this process holds: path → [open lock file, holders]
+_HELD_GUARD = threading.Lock()
 
 
 class RunDirectoryBusy(RuntimeError):
-    """Another process is running in this run directory."""
+    """Another process is running in this run directory (or its lock cannot be taken)."""
+
+
+def _acquire(path: Path) -> None:
+    with _HELD_GUARD:
+        if path in _HELD:
+            _HELD[path][1] += 1
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        lock = path / LOCK_FILE
+        handle = open(lock, "a+")  # noqa: SIM115 (held until the last holder leaves)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirectoryBusy(f"run directory {str(path)!r} is in use by another devft run (pid {holder}); "
+                                   "wait for it to end, or choose another --out / run-dir") from None
+        except OSError as err:
+            handle.close()
+            raise RunDirectoryBusy(f"cannot lock run directory {str(path)!r} ({lock}: {err}); devft needs "
+                                   "flock() there (on NFS: a lock daemon), or choose another --out / run-dir") from err
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        _HELD[path] = [handle, 1]
+
+
+def _release(path: Path) -> None:
+    with _HELD_GUARD:
+        entry = _HELD[path]
+        entry[1] -= 1
+        if entry[1] == 0:  # the last holder of this process: another thread may still have been inside
+            del _HELD[path]
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            entry[0].close()
 
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold the run directory ``path`` for this process (an exclusive ``flock`` on ``path/.devft-lock``, the
-    holder's pid written in it); re-entrant within the process. A second run there, whose rows and
-    checkpoints would interleave with this one's, raises :class:`RunDirectoryBusy` naming the holder."""
+    holder's pid and host written in it). Re-entrant within the process, across threads: the lock is released
+    when the last holder leaves (``devft simulate`` holds it, and so does the ServerApp thread it starts). A
+    second run there, whose rows and checkpoints would interleave with this one's, raises
+    :class:`RunDirectoryBusy` naming the holder."""
     path = Path(path).resolve()
-    if path in _HELD:
-        _HELD[path][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[path][1] -= 1
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 (held until the run ends)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunDirectoryBusy(f"run directory {str(path)!r} is in use by another devft run (pid {holder}); "
-                               "wait for it to end, or choose another --out / run-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _HELD[path] = [handle, 1]
+    _acquire(path)
     try:
         yield
     finally:
-        _HELD.pop(path)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        _release(path)
 
 
 class RunDirectory:

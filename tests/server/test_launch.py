@@ -67,6 +67,35 @@ def test_set_aside_keeps_the_last_complete_and_the_last_interrupted_run(tmp_path
     assert not complete.exists() and not partial.exists()
 
 
+def test_an_interrupted_run_that_got_further_is_never_pushed_out_by_one_that_failed_early(tmp_path):
+    from server.launch import PREVIOUS_PARTIAL, set_aside_previous_run
+    from server.run_dir import RunDirectory
+
+    out = tmp_path / "run"
+    directory = RunDirectory(out)
+    fake_run(out, summary=False)
+    (out / "metrics.jsonl").write_text("".join(f'{{"round": {r}}}\n' for r in range(1, 16)))  # 15 rounds run
+    set_aside_previous_run(directory)
+    partial = out / PREVIOUS_PARTIAL
+    out.joinpath("metrics.jsonl").write_text('{"round": 1}\n')  # a fresh run that failed in round 2
+    set_aside_previous_run(directory)
+    assert len((partial / "metrics.jsonl").read_text().splitlines()) == 15 and (partial / "checkpoint").exists()
+    assert not (out / "metrics.jsonl").exists()
+    fake_run(out, summary=False)  # one that got further (a checkpoint and 20 rounds) takes the place
+    (out / "metrics.jsonl").write_text("".join(f'{{"round": {r}}}\n' for r in range(1, 21)))
+    set_aside_previous_run(directory)
+    assert len((partial / "metrics.jsonl").read_text().splitlines()) == 20
+
+
+def test_a_refused_start_leaves_no_run_directory_behind(smoke_config, private_env, tmp_path):
+    from server.launch import simulate
+
+    typo = tmp_path / "typo" / "run"
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        simulate(smoke_config(), typo, progress=False, resume=True)
+    assert not typo.exists()
+
+
 def test_a_completed_run_new_or_resumed_drops_the_set_aside_runs(smoke_config, private_env, tmp_path, monkeypatch):
     import flwr.simulation
 
@@ -164,7 +193,7 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke
     try:
         assert holder.stdout.readline().strip() == "held"
         fake_run(out)  # the other run's files: nothing may move them
-        with pytest.raises(RunDirectoryBusy, match=f"in use by another devft run \\(pid {holder.pid}\\)"):
+        with pytest.raises(RunDirectoryBusy, match=f"in use by another devft run \\(pid {holder.pid} on "):
             simulate(smoke_config(), out, progress=False)
         assert (out / "summary.json").exists() and not (out / ".previous-run").exists()
     finally:
@@ -172,7 +201,55 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke
         holder.wait()
     time.sleep(0.1)
     with locked(out), locked(out):  # free again, and re-entrant within a process
-        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert (out / LOCK_FILE).read_text().startswith(f"{os.getpid()} on ")
+
+
+def _other_process_can_lock(path) -> bool:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); from server.run_dir import locked, RunDirectoryBusy\n"
+            f"try:\n    with locked({str(path)!r}): print('got it')\nexcept RunDirectoryBusy: print('busy')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(SMOKE.parents[2]))
+    return done.stdout.strip() == "got it"
+
+
+def test_the_lock_is_released_by_its_last_holder_in_any_thread(tmp_path, monkeypatch):
+    # devft simulate holds the directory and so does the ServerApp thread it starts, which Flower never joins:
+    # the main thread leaving first (Ctrl-C) must not free the directory while the server thread still writes
+    import errno
+    import threading
+
+    import server.run_dir
+    from server.run_dir import RunDirectoryBusy, locked
+
+    out = tmp_path / "run"
+    inside, leave, errors = threading.Event(), threading.Event(), []
+
+    def server_thread():
+        try:
+            with locked(out):
+                inside.set()
+                leave.wait(30)
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    with locked(out):
+        thread = threading.Thread(target=server_thread)
+        thread.start()
+        assert inside.wait(30)
+    assert not _other_process_can_lock(out)  # the server thread still holds it
+    leave.set()
+    thread.join(30)
+    assert errors == [] and _other_process_can_lock(out)
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(server.run_dir.fcntl, "flock", no_locks)
+    with pytest.raises(RunDirectoryBusy, match=r"cannot lock run directory .*\.devft-lock: \[Errno 37\]"):
+        with locked(tmp_path / "nfs"):
+            pass
 
 
 def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env, tmp_path, capsys):
