@@ -29,18 +29,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ran_with(run_dir: Path, config) -> bool:
-    """Whether the run in ``run_dir`` was run with ``config`` (keys its ``config.json`` lacks count as their
-    defaults: the behaviour from before the key existed)."""
+def _ran_with(run_dir: Path, config, ignore: frozenset[str] = frozenset()) -> bool:
+    """Whether the run in ``run_dir`` was run with ``config``, apart from the keys in ``ignore`` (keys its
+    ``config.json`` lacks count as their defaults: the behaviour from before the key existed)."""
     from devft.config import changed_keys, flatten_config_dict
 
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text()) if path.exists() else None
-    except json.JSONDecodeError:
+    except ValueError:  # not UTF-8, not JSON: not a config this run can be matched against
         return False
     readable = isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())
-    return readable and not changed_keys(flatten_config_dict(saved), config)
+    return readable and not set(changed_keys(flatten_config_dict(saved), config)) - ignore
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -48,6 +48,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from devft.reports import write_comparison
     from server.launch import simulate
     from server.run_dir import RunDirectory
+    from server.strategy import RESUME_MAY_CHANGE
 
     out = Path(args.out)
     overrides = parse_overrides(args.set or [])
@@ -68,7 +69,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         else:
             # an interrupted run of this very config continues; a finished one (without --reuse) or one of
             # another config runs afresh (the earlier one is set aside until the new one completes)
-            resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config)
+            resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config, RESUME_MAY_CHANGE)
             print(f"{'resuming the interrupted run in' if resume else 'running'} {run_dir}")
             simulate(config, run_dir, resume=resume)
         run_dirs.append(run_dir)

@@ -9,6 +9,7 @@ is recorded as a failure of that client: it never reaches the global model.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from flwr.app import ArrayRecord, Message
 
 from devft.aggregation import InvalidUpdateError, validate_updates
 from devft.aggregation.sources import UnsupportedArrayError, as_source
+
+log = logging.getLogger(__name__)
 
 WIRE_DTYPES = (torch.float32, torch.float16)
 MAX_EXAMPLES = 2**53  # integers a float64 holds exactly; the example-weighted sums stay finite
@@ -94,11 +97,15 @@ def parse_train_reply(
     except UnsupportedArrayError as err:
         raise InvalidReply(f"unreadable arrays: {err}") from err
     except Exception as err:  # whatever a hostile payload provokes is this reply's fault, never the round's
+        log.warning("reading a reply raised %s (traceback: in case it is the server's bug)", type(err).__name__,
+                    exc_info=True)
         raise InvalidReply(f"unreadable arrays: {type(err).__name__}: {str(err)[:300]}") from err
     try:
         validate_updates([record], [num_examples], expected=expected, rank_free=rank_free, check_finite=True)
     except InvalidUpdateError as err:
         raise InvalidReply(str(err).removeprefix("client 0, ")) from err
     except Exception as err:  # as above
+        log.warning("checking a reply raised %s (traceback: in case it is the server's bug)", type(err).__name__,
+                    exc_info=True)
         raise InvalidReply(f"unreadable arrays: {type(err).__name__}: {str(err)[:300]}") from err
     return ClientUpdate(node_id=node, partition_id=-1, num_examples=int(num_examples), record=record, metrics=metrics)

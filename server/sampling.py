@@ -48,6 +48,7 @@ def discover_partitions(
     left out (and logged).
     """
     start = last_said = time.monotonic()
+    last_count = -1
     while len(node_ids := sorted(grid.get_node_ids())) < num_partitions:
         waited = time.monotonic() - start
         if len(node_ids) >= min_required and waited > wait_s:
@@ -58,8 +59,9 @@ def discover_partitions(
             log.warning("waiting for nodes (%.0f s): %d connected, a round needs %d (federation.clients_per_round) "
                         "of the %d partitions (data.num_clients): start more SuperNodes or lower "
                         "federation.clients_per_round", waited, len(node_ids), min_required, num_partitions)
-        else:
+        elif len(node_ids) != last_count:
             log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
+        last_count = len(node_ids)
         time.sleep(poll_s)
     messages = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type=PARTITION_QUERY)

@@ -142,6 +142,9 @@ class _RoundLog:
     base_delta: dict[str, BaseDelta] | None = None  # the aggregated base delta (None: unchanged)
 
 
+MAX_REASON = 1000  # characters of a rejected reply's reason kept in rows and logs (keys and headers are the client's)
+
+
 def round_lora_seed(seed: int, server_round: int) -> int:
     """Seed of the fresh LoRA every client starts a round from (FLoRA): one per (run seed, round)."""
     digest = hashlib.sha256(f"fresh-lora:{seed}:{server_round}".encode()).digest()
@@ -285,8 +288,9 @@ class DevFTStrategy(Strategy):
                 update = parse_train_reply(reply, expected, rank_free=self.rule.heterogeneous_ranks,
                                            wire_dtype=wire_torch_dtype(self.fed))
             except InvalidReply as err:
-                log.warning("round %d: reply of partition %s (node %d) rejected: %s", server_round, pid, node, err)
-                self._round.failures.append(ClientFailure(node, pid, str(err)))
+                reason = str(err) if len(str(err)) <= MAX_REASON else str(err)[:MAX_REASON] + "…"  # a client wrote it
+                log.warning("round %d: reply of partition %s (node %d) rejected: %s", server_round, pid, node, reason)
+                self._round.failures.append(ClientFailure(node, pid, reason))
                 continue
             finally:
                 self._round.validate_s += time.perf_counter() - checked

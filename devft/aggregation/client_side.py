@@ -105,8 +105,9 @@ def set_base_delta(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None
             base = layer.get_base_layer()
             pristine = getattr(base, _PRISTINE, None)
             if name not in deltas:
-                if pristine is not None:
+                if pristine is not None:  # back to W₀ itself: nothing extra kept (or copied with the module)
                     base.weight.data = pristine
+                    delattr(base, _PRISTINE)
                 continue
             if pristine is None:
                 pristine = base.weight.data  # the tensor itself, maybe the base model's too: never written

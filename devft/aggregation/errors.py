@@ -25,9 +25,16 @@ class NonFiniteAggregateError(NonFiniteUpdateError):
     """Finite replies whose aggregate is not (e.g. ``B·A`` of huge factors overflows float32); ``parts``
     names the LoRA tensors and base-delta modules that hold NaN/Inf."""
 
-    def __init__(self, message: str, *, parts: list[str]) -> None:
+    def __init__(self, message: str, *, parts: list[str] | None = None) -> None:
         super().__init__(message)
-        self.parts = parts
+        self.parts = list(parts or [])
+
+    def __reduce__(self):  # picklable (Ray, multiprocessing) with its parts
+        return (_aggregate_error, (self.args[0], self.parts))
+
+
+def _aggregate_error(message: str, parts: list[str]) -> NonFiniteAggregateError:
+    return NonFiniteAggregateError(message, parts=parts)
 
 
 class UnsupportedArrayError(ValueError):

@@ -141,7 +141,8 @@ def parse_npy_header(data: bytes | memoryview, key: str = "?",
 def _parse_header_dict(header: bytes, start: int, major: int, key: str) -> NpyLayout:
     """The layout a ``.npy`` header's dict describes; anything malformed is an :class:`UnsupportedArrayError`."""
     text = header[start:].decode("utf-8" if major == 3 else "latin1", errors="replace")
-    malformed = UnsupportedArrayError(f"array {key!r} has a malformed .npy header {text!r}")
+    shown = text if len(text) <= 200 else text[:200] + f"… ({len(text)} characters)"  # a client wrote it
+    malformed = UnsupportedArrayError(f"array {key!r} has a malformed .npy header {shown!r}")
     try:
         meta = ast.literal_eval(text)  # a dict of literals, never code
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
@@ -158,7 +159,7 @@ def _parse_header_dict(header: bytes, start: int, major: int, key: str) -> NpyLa
         dtype_str = None
     if dtype_str not in _NPY_DTYPES:
         raise UnsupportedArrayError(
-            f"array {key!r} has dtype {descr!r}; aggregation reads little-endian float16/32/64 only"
+            f"array {key!r} has dtype {repr(descr)[:100]}; aggregation reads little-endian float16/32/64 only"
             " (and uint8 for a packed manifest)"
         )
     return NpyLayout.make(_NPY_DTYPES[dtype_str], shape, len(header), fortran_order, header)  # data follows it

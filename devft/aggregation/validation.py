@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
@@ -23,13 +24,16 @@ __all__ = ["InvalidUpdateError", "NonFiniteUpdateError", "normalized_weights", "
 
 def normalized_weights(weights: Sequence[float] | torch.Tensor, count: int) -> list[float]:
     """Check ``weights`` (one positive finite number per client, e.g. num-examples) and return ``w / Σ w``."""
-    raw = weights.detach().double().flatten().tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if isinstance(weights, torch.Tensor):
+        raw = weights.detach().flatten().tolist()  # bool tensors give bools, refused below
+    else:
+        raw = list(weights)
     if len(raw) != count:
         raise InvalidUpdateError(f"expected one weight per update ({count}), got {len(raw)} weights")
     values = []
     for k, w in enumerate(raw):
-        try:
-            value = float(w) if not isinstance(w, bool) else math.nan  # True is not a count of examples
+        try:  # a number, not a bool (True is not a count of examples) and not a string float() would parse
+            value = math.nan if isinstance(w, bool | np.bool_ | str | bytes) else float(w)
         except (TypeError, ValueError, OverflowError):
             value = math.nan
         if not (math.isfinite(value) and value > 0):

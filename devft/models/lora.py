@@ -67,10 +67,18 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> Peft
 def _check_targets(model: nn.Module, targets: tuple[str, ...], family: Family) -> None:
     """Every target names linear modules of the decoder layers (peft's rule: the module's name or its last
     dotted parts); growth fuses and transfers decoder layers only, so a module outside them is refused."""
+    from transformers.pytorch_utils import Conv1D
+
     inside = family.layers_path + "."
-    names = [name.removeprefix("base_model.model.") for name, _ in model.named_modules()]
+    modules = {name.removeprefix("base_model.model."): m for name, m in model.named_modules()}
     for target in targets:
-        matched = [n for n in names if n == target or n.endswith("." + target)]
+        matched = [n for n in modules if n == target or n.endswith("." + target)]
+        for name in matched:
+            module = modules[name]
+            base = module.get_base_layer() if callable(getattr(module, "get_base_layer", None)) else module
+            if not isinstance(base, nn.Linear | Conv1D):
+                raise ValueError(f"lora.targets={tuple(targets)!r}: {target!r} matches {name!r} "
+                                 f"({type(base).__name__}), not a linear layer (e.g. {list(family.lora_targets)})")
         if not matched:
             raise ValueError(f"lora.targets={tuple(targets)!r}: {target!r} names no module of this "
                              f"{family.name} model (its layers have e.g. {list(family.lora_targets)})")

@@ -1,5 +1,5 @@
-"""The server's own model under a base delta (FLoRA, FedEx-LoRA): evaluations write ``W₀ + Δ`` into it in
-place, and nothing planned or built afterwards may see those weights as the base."""
+"""The server's own model under a base delta (FLoRA, FedEx-LoRA): evaluations give its weights ``W₀ + Δ``, and
+nothing planned or built afterwards may see those weights as the base, or copy them."""
 
 from __future__ import annotations
 
@@ -38,5 +38,8 @@ def test_a_base_delta_never_leaks_into_plans_or_submodels(smoke_config, private_
         assert base.keys() == want.state_dict().keys()
         for name, tensor in want.state_dict().items():
             assert torch.equal(base[name], tensor), name  # fused from W₀, not W₀ + Δ
+    base_ptrs = {p.data_ptr() for p in decoder_layers(resumed.model).parameters()}
+    assert all(p.data_ptr() in base_ptrs for p in decoder_layers(built).parameters() if not p.requires_grad)
+    assert not any(hasattr(m, "_devft_pristine_weight") for m in built.modules())  # no hidden copy of W₀ either
     again = resumed.plan(0, resumed.initial_lora()).plan
     assert again == planned

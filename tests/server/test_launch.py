@@ -143,7 +143,8 @@ def test_compare_reuse_refuses_a_run_of_another_config(smoke_config, private_env
 
 
 @pytest.mark.parametrize("finished,same_config,resumed", [(True, True, False), (False, True, True),
-                                                          (False, False, False)])
+                                                          (False, False, False), (False, "timeout", True),
+                                                          (False, "garbage", False)])
 def test_compare_runs_finished_runs_again_and_resumes_interrupted_ones_of_the_same_config(
         smoke_config, private_env, tmp_path, monkeypatch, capsys, finished, same_config, resumed):
     import devft.reports
@@ -152,8 +153,12 @@ def test_compare_runs_finished_runs_again_and_resumes_interrupted_ones_of_the_sa
 
     out = tmp_path / "cmp"
     fake_run(out / SMOKE.stem, summary=finished)
-    config = smoke_config() if same_config else smoke_config(lora__r=2)
+    # a run of another lora.r is not this config; one of another reply timeout is (resume may change it)
+    config = {True: smoke_config(), False: smoke_config(lora__r=2), "timeout": smoke_config(
+        federation__reply_timeout_s=7.0), "garbage": smoke_config()}[same_config]
     (out / SMOKE.stem / "config.json").write_text(json.dumps(config_to_dict(config)))
+    if same_config == "garbage":
+        (out / SMOKE.stem / "config.json").write_bytes(b"\xff\xfe not utf-8")
     calls = []
     monkeypatch.setattr(server.launch, "simulate", lambda config, run_dir, resume: calls.append(resume))
     table = tmp_path / "comparison.md"

@@ -91,6 +91,15 @@ def test_a_buffer_shorter_than_its_header_is_an_invalid_update_naming_the_client
         assert (info.value.client, info.value.key) == (bad_client, "x"), name
 
 
+def test_a_huge_malformed_header_is_named_in_a_short_message():
+    text = "{'descr': '<f4', " + "x" * 2_000_000 + "}\n"
+    header = b"\x93NUMPY\x02\x00" + len(text).to_bytes(4, "little") + text.encode()
+    record = with_data(records_of([torch.zeros(4)])[0], header + np.zeros(4, np.float32).tobytes())
+    with pytest.raises(InvalidUpdateError, match="malformed .npy header") as info:
+        validate_updates([record])
+    assert len(str(info.value)) < 400 and "(2000019 characters)" in str(info.value)
+
+
 def test_what_a_client_sends_cannot_grow_the_header_cache_without_bound():
     # np.save writes short headers; a header padded to 100 kB is read but never kept, and the cache is a
     # least-recently-used one of bounded size

@@ -7,6 +7,7 @@ target is ``Σ p_k s_k B_k A_k`` (``ideal_delta``, computed without any rule's c
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -318,6 +319,8 @@ def test_finite_replies_whose_aggregate_overflows_raise_and_leave_the_state(name
     with pytest.raises(NonFiniteAggregateError, match=f"the {name} aggregate of finite replies is not finite") as info:
         rule.aggregate(state, clients, [1, 1])
     assert info.value.client is None and info.value.parts
+    again = pickle.loads(pickle.dumps(info.value))  # Ray and multiprocessing carry exceptions pickled
+    assert type(again) is NonFiniteAggregateError and again.parts == info.value.parts and str(again) == str(info.value)
     assert all(torch.equal(before[k], v) for k, v in state.to_tensors().items()) and state.round == 0
     unchecked = get_rule(name, alpha=ALPHA, check_finite=False).aggregate(state, clients, [1, 1])
     assert unchecked.non_finite_parts() == info.value.parts  # asked not to check, the caller gets what it is

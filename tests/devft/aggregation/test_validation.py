@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from aggregation_cases import SMALL_MODULES, lora_key, random_lora
@@ -76,7 +77,9 @@ def test_weights_empty_and_non_finite_values():
 
 
 @pytest.mark.parametrize("bad,client", [([1, True, 2], 1), ([10**400, 1, 1], 0), ([1, 2, "x"], 2), ([1, 0, 1], 1),
-                                        ([1, -3, 1], 1), ([1, 1, float("inf")], 2), ([None, 1, 1], 0)])
+                                        ([1, -3, 1], 1), ([1, 1, float("inf")], 2), ([None, 1, 1], 0),
+                                        ([1, "10", 1], 1), ([b"5", 1, 1], 0), ([1, 1, np.True_], 2),
+                                        (torch.tensor([True, True, True]), 0)])
 def test_every_bad_weight_is_named_by_client(bad, client):
     with pytest.raises(InvalidUpdateError, match="weight must be a positive finite number") as info:
         normalized_weights(bad, 3)

@@ -224,6 +224,8 @@ def test_layers_that_need_no_fusion_share_the_base_tensors_and_stay_untouched(
             assert float((base.weight - base._devft_pristine_weight).abs().max()) == pytest.approx(0.5)
         after = loaded.model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in pristine.items())
-        set_base_delta(model, {})  # back to W₀: the shared tensors again
+        set_base_delta(model, {})  # back to W₀: the shared tensors again, and nothing else kept
+        assert not any(hasattr(layer.get_base_layer(), "_devft_pristine_weight")
+                       for layer in lora_layers(model).values())
         for layer in base_layer_tensors(sub)[: 1 if 0 in unfused else 0]:
             assert all(t.data_ptr() in base_ptrs for t in layer.values())

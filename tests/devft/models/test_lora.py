@@ -10,7 +10,9 @@ from devft.models import LoraSettings, attach_lora, load_model
 @pytest.mark.parametrize("targets,match", [
     (("q_proj", "nosuch_proj"), "'nosuch_proj' names no module of this llama model"),
     (("q_proj", "lm_head"), "'lm_head' matches 'lm_head', outside the decoder layers"),
-    (("embed_tokens",), "'embed_tokens' matches 'model.embed_tokens', outside the decoder layers"),
+    (("embed_tokens",), "'embed_tokens' matches 'model.embed_tokens' \\(Embedding\\), not a linear layer"),
+    (("self_attn",), "'self_attn' matches 'model.layers.0.self_attn' \\(LlamaAttention\\), not a linear layer"),
+    (("input_layernorm",), "'input_layernorm' matches 'model.layers.0.input_layernorm' \\(LlamaRMSNorm\\), not a"),
 ])
 def test_lora_targets_outside_the_decoder_layers_are_refused_by_name(targets, match):
     model = load_model("tiny-llama").model
