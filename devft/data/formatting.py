@@ -27,6 +27,9 @@ IGNORE_INDEX = -100
 """Label value that the cross-entropy loss ignores (prompt and padding positions)."""
 
 
+END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn: what ends every trained response and every answer
+
+
 def prompt_messages(example: Example) -> list[dict[str, str]]:
     """The chat messages of an example's prompt: one user turn, instruction then input if any."""
     content = example["instruction"]
@@ -37,14 +40,16 @@ def prompt_messages(example: Example) -> list[dict[str, str]]:
 
 def _prompt_text(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
     """The prompt rendered by the chat template, ending with the generation prompt."""
-    return tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)  # Qwen3: no <think> block; other templates ignore it
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
     """Return (prompt text with the generation prompt, response text ending with the end-of-turn token)."""
     prompt = _prompt_text(tokenizer, example)
     full = tokenizer.apply_chat_template(
-        [*prompt_messages(example), {"role": "assistant", "content": example["output"]}], tokenize=False
+        [*prompt_messages(example), {"role": "assistant", "content": example["output"]}], tokenize=False,
+        enable_thinking=False,
     )
     if not full.startswith(prompt):
         raise ValueError(

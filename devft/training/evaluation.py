@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from devft.data.formatting import answers_match, collate, collate_prompts, encode_for_training, encode_prompt
+from devft.data.formatting import (
+    END_OF_TURN,
+    answers_match,
+    collate,
+    collate_prompts,
+    encode_for_training,
+    encode_prompt,
+)
 from devft.training.settings import EvalSettings
 
 Example = dict[str, str]
@@ -60,10 +67,18 @@ def generate_answers(
     max_length: int,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy answers to ``examples`` (left-padded batches), decoded up to the end-of-turn token."""
+    """Greedy answers to ``examples`` (left-padded batches), decoded up to the end-of-turn marker.
+
+    ``<|im_end|>`` ends a turn: as one token where the vocabulary has it, otherwise (a tokenizer that got
+    devft's fallback ChatML template, e.g. GPT-2's) as text the model learnt to spell out, on which generation
+    stops too (``stop_strings``) and where the decoded answer is cut.
+    """
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None and i >= 0})
+    marker_is_token = END_OF_TURN in tokenizer.get_vocab()
+    stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN) if marker_is_token
+                                   else None) if i is not None and i >= 0})
+    by_text = {} if marker_is_token else {"stop_strings": [END_OF_TURN], "tokenizer": tokenizer}
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
         prompts = [encode_prompt(tokenizer, ex, max_length) for ex in examples[start : start + batch_size]]
@@ -74,9 +89,10 @@ def generate_answers(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_ids,
+            **by_text,
         )
         for row in out[:, batch["input_ids"].shape[1] :]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).split(END_OF_TURN)[0])
     return answers
 
 

@@ -178,3 +178,24 @@ def test_answers_match(prediction: str, reference: str, expected: bool) -> None:
 def test_normalise_answer_keeps_case_and_inner_punctuation() -> None:
     assert normalise_answer(" Smith,  Alice. \n") == "Smith, Alice"
     assert normalise_answer("1965-06-10") == "1965-06-10"
+
+
+# A template that, like Qwen3's, renders an assistant turn after an empty reasoning block, and puts that block
+# into the generation prompt only when the caller passes enable_thinking=False (written for this test; the
+# layout is what matters): without the flag the block would become part of every trained response.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_a_thinking_template_trains_and_prompts_without_a_reasoning_block(byte_tok) -> None:
+    byte_tok.chat_template = THINKING_TEMPLATE
+    example = {"instruction": "Add.", "input": "58 + 63", "output": "121", "family": "add"}
+    encoded = encode_for_training(byte_tok, example, 96)
+    response = [t for t in encoded["labels"] if t != IGNORE_INDEX]
+    assert byte_tok.decode(response) == "121<|im_end|>"  # the answer is what is trained, not <think>…
+    assert byte_tok.decode(encode_prompt(byte_tok, example, 96)).endswith("assistant\n<think>\n\n</think>\n\n")
