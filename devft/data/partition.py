@@ -23,6 +23,8 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
+
 from devft.data.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,10 @@ def partition_indices(
     elif scheme == "dirichlet":
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got alpha={alpha!r}")
+        if len(families) < 2:  # nothing to skew over: the Dirichlet draw can only skew the clients' sizes
+            log.info("dirichlet partition of one family (%r; records without a 'family' field are 'user'): the "
+                     "clients differ in size only", families[0])
+            return _quantity_skew(len(examples), num_clients, float(alpha), seed)
         partitioner = DirichletPartitioner(
             num_partitions=num_clients,
             partition_by="family",
@@ -118,6 +124,19 @@ def partition_indices(
             f"(num_clients={num_clients}) or more examples ({len(examples)})"
         )
     return partitions
+
+
+def _quantity_skew(n: int, num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """``n`` shuffled indices cut into client shares of sizes ~ Dirichlet(alpha), each at least
+    ``min(10, n // (2 · num_clients))`` and 1 (the floor the family-wise split uses), for a seed."""
+    rng = np.random.default_rng(seed)
+    floor = max(1, min(10, n // (2 * num_clients)))
+    shares = rng.dirichlet([alpha] * num_clients) * (n - floor * num_clients)
+    sizes = floor + np.floor(shares).astype(int)
+    sizes[np.argsort(shares - np.floor(shares))[::-1][: n - int(sizes.sum())]] += 1  # largest remainders
+    order = rng.permutation(n)
+    cuts = np.cumsum(sizes)[:-1]
+    return [sorted(int(i) for i in part) for part in np.split(order, cuts)]
 
 
 def family_histogram(

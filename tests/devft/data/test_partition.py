@@ -107,3 +107,16 @@ def test_pathological_reports_families_no_client_drew(caplog: pytest.LogCaptureF
         {"convert_units"},
     ]
     assert "will NOT be used" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dirichlet_over_one_family_skews_sizes_for_every_seed(seed: int) -> None:
+    # user records without a 'family' field are one family: the Dirichlet draw can only skew the sizes
+    # (flwr-datasets' family-wise split gave up for about 1 seed in 4 at these sizes)
+    examples = [{"instruction": f"q{i}", "input": "", "output": "a", "family": "user"} for i in range(2000)]
+    parts = partition_indices(examples, 10, "dirichlet", alpha=0.5, seed=seed)
+    assert sorted(i for p in parts for i in p) == list(range(2000))  # nothing lost, nothing twice
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[0] >= 10 and sizes[-1] > 2 * sizes[0]  # each at least the floor, and skewed
+    assert parts == partition_indices(examples, 10, "dirichlet", alpha=0.5, seed=seed)
+    assert parts != partition_indices(examples, 10, "dirichlet", alpha=0.5, seed=seed + 100)
