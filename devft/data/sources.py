@@ -77,9 +77,12 @@ def _example(record: Mapping[str, Any], where: str) -> Example:
                 f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}"
             )
         example[field] = value
-    if not example["instruction"].strip():
-        raise ValueError(f"{where}: field 'instruction' is empty")
+    for field in ("instruction", "output"):  # an empty answer trains only the end of the turn
+        if not example[field].strip():
+            raise ValueError(f"{where}: field {field!r} is empty")
     family = record.get("family")
+    if family is not None and not isinstance(family, str | int) or isinstance(family, bool):
+        raise ValueError(f"{where}: field 'family' must be a string, got {type(family).__name__} {family!r}")
     example["family"] = USER_FAMILY if family is None or family == "" else str(family)
     return example
 
@@ -115,4 +118,8 @@ def _load_saved_dataset(path: Path) -> list[Example]:
     for column in _REQUIRED:
         if column not in loaded.column_names:
             raise ValueError(f"dataset at {path}: missing column {column!r} (columns: {loaded.column_names})")
-    return [_example(row, f"{path}, row {i}") for i, row in enumerate(loaded)]
+    family = loaded.features.get("family")
+    names = getattr(family, "names", None)  # a ClassLabel column holds ids: read them as their names
+    rows = ({**row, "family": names[row["family"]]} if names and row.get("family") is not None else row
+            for row in loaded)
+    return [_example(row, f"{path}, row {i}") for i, row in enumerate(rows)]

@@ -168,7 +168,7 @@ TASK_FAMILIES: tuple[str, ...] = tuple(_GENERATORS)
 
 
 def check_families(families: Sequence[str] | None) -> tuple[str, ...]:
-    """Return the selected families in suite order; ``None`` or empty selects all of them.
+    """Return the selected families in the order given (all of :data:`TASK_FAMILIES`, in suite order, for ``None`` or empty).
 
     Raises ``ValueError`` naming the first unknown or repeated family.
     """

@@ -75,6 +75,9 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
         ('{"input": "y", "output": "z"}', "line 2: missing field 'instruction'"),
         ('{"instruction": "x", "output": 3}', "line 2: field 'output' must be a string"),
         ('{"instruction": "  ", "output": "z"}', "line 2: field 'instruction' is empty"),
+        ('{"instruction": "x", "output": ""}', "line 2: field 'output' is empty"),
+        ('{"instruction": "x", "output": "z", "family": ["a"]}', "line 2: field 'family' must be a string, got list"),
+        ('{"instruction": "x", "output": "z", "family": true}', "line 2: field 'family' must be a string, got bool"),
         ('["instruction", "output"]', "line 2: expected a JSON object"),
     ],
 )
@@ -98,6 +101,10 @@ def test_saved_dataset_with_and_without_family(tmp_path: Path) -> None:
         {"instruction": "B.", "input": "", "output": "two", "family": "user"},
     ]
     assert [e["family"] for e in load_examples(str(tmp_path / "tagged"))] == ["f1", "f2"]
+    labelled = datasets.Dataset.from_dict({**columns, "family": [1, 0]}, features=datasets.Features({
+        **{k: datasets.Value("string") for k in columns}, "family": datasets.ClassLabel(names=["maths", "words"])}))
+    labelled.save_to_disk(str(tmp_path / "labelled"))
+    assert [e["family"] for e in load_examples(str(tmp_path / "labelled"))] == ["words", "maths"]  # names, not ids
 
 
 def test_saved_dataset_dict_uses_train_split(tmp_path: Path) -> None:
