@@ -40,9 +40,13 @@ def normalized_weights(weights: Sequence[float] | torch.Tensor, count: int) -> l
             raise InvalidUpdateError(f"weight must be a positive finite number (e.g. num-examples), got "
                                      f"{repr(w)[:40]}", client=k)
         values.append(value)
-    top = max(values)  # divided out first: weights near the float maximum sum without overflowing
-    total = math.fsum(w / top for w in values)
-    return [(w / top) / total for w in values]
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # weights near the float maximum: divide the largest out first
+        top = max(values)
+        total = math.fsum(w / top for w in values)
+        return [(w / top) / total for w in values]
+    return [w / total for w in values]
 
 
 def _lora_rank_dim(key: str) -> int | None:
