@@ -108,12 +108,13 @@ def test_superlink_and_two_supernodes_run_devft_with_state_on_each_nodes_disk(pr
         node_log = procs.log(f"node{k}")
         received = node_log.count("Receiving:")
         assert received == 4 and node_log.count(FRESH_PROCESS) == received, node_log[-3000:]
-    # ... so what a client needs across messages is on its own disk: both stages' fused layers, and its own B
-    # (written by round 2's train process, read by the evaluate process after it), never another node's.
+    # ... so what a client needs across messages is on its own disk: the first stage's fused layers (the
+    # full-depth stage fuses nothing: its layers are the base model's own, not cached), and its own B (written
+    # by round 2's train process, read by the evaluate process after it), never another node's.
     key = load_checkpoint(out / "checkpoint")["client_state_key"]
     for k, cache in enumerate(caches):
         plans = sorted((cache / "submodels").glob("*/layers.safetensors"))
-        assert len(plans) == 2, plans
+        assert len(plans) == 1, plans
         assert sorted(p.name for p in (cache / "clients" / key).iterdir()) == [str(k)]
         assert (cache / "clients" / key / str(k) / "personal-r000002.safetensors").exists()
 
