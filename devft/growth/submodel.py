@@ -35,9 +35,16 @@ log = logging.getLogger(__name__)
 _LAYERS_FILE = "layers.safetensors"
 
 
+CACHE_FORMAT = 2
+"""Version of the cached fused layers: raise it whenever fusion's arithmetic (even its rounding) or what an
+entry holds changes, so an entry written by other code is never read. Version 1 entries (sessions 1-4) held
+every layer, fused by an earlier summation whose results differ in the last bit of some weights: reading them
+made a run depend on what the cache held, not on its seed."""
+
+
 def submodel_cache_dir(plan: GrowthPlan) -> Path:
-    """Where the fused layers of ``plan`` are cached: ``cache_root()/submodels/<plan.build_hash()>``."""
-    return cache_root() / "submodels" / plan.build_hash()
+    """Where the fused layers of ``plan`` are cached: ``cache_root()/submodels/v<CACHE_FORMAT>-<build hash>``."""
+    return cache_root() / "submodels" / f"v{CACHE_FORMAT}-{plan.build_hash()}"
 
 
 def build_submodel(model: nn.Module, plan: GrowthPlan, use_cache: bool = True) -> nn.Module:

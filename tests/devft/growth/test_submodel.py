@@ -121,7 +121,7 @@ def test_cache_gives_the_same_submodel_bit_for_bit(isolated_submodel_cache, monk
     loaded = load_model("tiny-llama")
     plan = make_plan(loaded.model, 1, 4, GrowthSettings(grouping="even", beta=0.3))
     first = build_submodel(loaded.model, plan)
-    folder = isolated_submodel_cache / plan.build_hash()
+    folder = submodel_module.submodel_cache_dir(plan)
     assert (folder / "layers.safetensors").exists() and (folder / "plan.json").read_text().strip() == plan.to_json()
     assert not [p for p in isolated_submodel_cache.iterdir() if p != folder]  # no staging left behind
 
@@ -141,7 +141,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(isolated_submodel_cache, content):
     loaded = load_model("tiny-llama")
     plan = make_plan(loaded.model, 0, 2, GrowthSettings(grouping="even"))
     reference = build_submodel(loaded.model, plan, use_cache=False)
-    folder = isolated_submodel_cache / plan.build_hash()
+    folder = submodel_module.submodel_cache_dir(plan)
     folder.mkdir(parents=True)
     path = folder / "layers.safetensors"
     save_file({"0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(path))
@@ -155,6 +155,25 @@ def test_a_corrupt_cache_entry_is_rebuilt(isolated_submodel_cache, content):
     a, b = reference.state_dict(), rebuilt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert build_submodel(loaded.model, plan).state_dict().keys() == a.keys()  # the rewritten entry reads
+
+
+def test_an_entry_of_another_cache_format_is_never_read(isolated_submodel_cache):
+    # fused layers written by other code (another summation, another layout) may differ in the last bit:
+    # the format is part of the folder's name, so they are not even looked at
+    from safetensors.torch import save_file
+
+    loaded = load_model("tiny-llama")
+    plan = make_plan(loaded.model, 0, 2, GrowthSettings(grouping="even"))
+    reference = build_submodel(loaded.model, plan, use_cache=False)
+    folder = submodel_module.submodel_cache_dir(plan)
+    assert folder.parent == isolated_submodel_cache and folder.name == f"v{submodel_module.CACHE_FORMAT}-{plan.build_hash()}"
+    stale = isolated_submodel_cache / plan.build_hash()  # where version 1 kept it: same shapes, other values
+    stale.mkdir(parents=True)
+    save_file({f"{k}.{n}": t + 1.0 for k, layer in enumerate(base_layer_tensors(reference)) for n, t in layer.items()},
+              str(stale / "layers.safetensors"))
+    built = build_submodel(loaded.model, plan)
+    a, b = reference.state_dict(), built.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and (folder / "layers.safetensors").exists()
 
 
 def test_a_plan_for_another_base_model_is_refused():
