@@ -5,7 +5,7 @@ its decoder layers are new modules holding the fused base weights (or, for a lay
 base layer's own tensors: shared, never written), in the order of their anchors, with
 ``layer_idx``, ``config.num_hidden_layers`` and ``config.layer_types`` made consistent so training,
 loss and generation with a KV cache work. Fused layers are cached on disk by plan hash under
-``cache_root()/submodels/<hash>/`` (safetensors, written atomically), so a client process restarted every
+``cache_root()/submodels/v<CACHE_FORMAT>-<hash>/`` (safetensors, written atomically; layers that need no fusion are not cached), so a client process restarted every
 round rebuilds its submodel by reading one file.
 """
 
