@@ -35,6 +35,7 @@ from client.runtime import (
     load_run_config,
     local_partition,
     partition_id,
+    received_rank,
     save_personal,
     stage_model,
     to_wire,
@@ -82,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     fault = config.federation.faults().get(pid)
     if fault == "raise":
         raise InjectedFault(f"fault injection: partition {pid} was told to raise")
-    model, tokenizer, plan = stage_model(config, str(cfg["plan"]))
+    model, tokenizer, plan = stage_model(config, str(cfg["plan"]), rank=config.lora.rank_of(pid))
     rule = aggregation_rule(config)
     downlink = _arrays_to_state(msg.content["arrays"])
     # Clients keep nothing but personal parts between rounds: everything the rule sends must be here.
@@ -135,9 +136,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg: ConfigRecord = msg.content[CONFIG_KEY]
     config = load_run_config(cfg)
     pid = partition_id(context)
-    model, tokenizer, plan = stage_model(config, str(cfg["plan"]))
-    rule = aggregation_rule(config)
     adapters, deltas = split_downlink(_arrays_to_state(msg.content["arrays"]))
+    # the model that was sent, at its rank (lora.client_ranks: the server's, not this client's own)
+    rank = received_rank(adapters) or config.lora.rank_of(pid)
+    model, tokenizer, plan = stage_model(config, str(cfg["plan"]), rank=rank)
+    rule = aggregation_rule(config)
     set_base_delta(model, deltas)
     if rule.personalised:  # the shared parts from the message (a subset), this client's own from its disk
         load_adapters(model, adapters)

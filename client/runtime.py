@@ -158,21 +158,29 @@ def clear_process_caches() -> None:
     _stage.clear()
 
 
-def stage_model(config: RunConfig, plan_json: str) -> tuple[PeftModel, PreTrainedTokenizerBase, GrowthPlan]:
-    """The LoRA-wrapped submodel of ``plan_json`` built from this client's base model (cached per stage).
+def stage_model(config: RunConfig, plan_json: str, rank: int | None = None
+                ) -> tuple[PeftModel, PreTrainedTokenizerBase, GrowthPlan]:
+    """The LoRA-wrapped submodel of ``plan_json`` built from this client's base model (cached per stage),
+    with LoRA of rank ``rank`` (default ``lora.r``; a client of ``lora.client_ranks`` passes its own).
 
     Raises :class:`devft.growth.PlanMismatchError` when the plan was made for another base model.
     """
     base = base_model(config)
-    key = hashlib.sha256((plan_json + repr(config.lora) + config.federation.aggregation).encode()).hexdigest()
+    lora = config.lora.with_rank(config.lora.r if rank is None else rank)
+    key = hashlib.sha256((plan_json + repr(lora) + config.federation.aggregation).encode()).hexdigest()
     if _stage.get("key") != key:
         _stage.clear()
         plan = GrowthPlan.from_json(plan_json)
         submodel = build_submodel(base.model, plan)
-        model = attach_lora(submodel, config.lora, seed=config.federation.seed)
+        model = attach_lora(submodel, lora, seed=config.federation.seed)
         _stage.update(key=key, model=model, plan=plan)
         log.info("stage %d: built %d-layer submodel", plan.stage, plan.capacity)
     return _stage["model"], base.tokenizer, _stage["plan"]
+
+
+def received_rank(arrays: Mapping[str, torch.Tensor]) -> int | None:
+    """The LoRA rank of the adapters in a message (of its first ``lora_A``), None when none travel."""
+    return next((int(t.shape[0]) for k, t in sorted(arrays.items()) if k.endswith(".lora_A.weight")), None)
 
 
 def aggregation_rule(config: RunConfig) -> AggregationRule:

@@ -182,8 +182,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return _coerce(value, options[0], where)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        if isinstance(value, str):
-            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if isinstance(value, str):  # "4,8" or, as TOML writes a list, "[4, 8]"
+            text = value.strip()
+            text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+            value = [v.strip("'\"") for v in (p.strip() for p in text.split(",")) if v]
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where} must be a list (or comma-separated string), got {value!r}")
         return tuple(_coerce(v, item, where) for v in value)

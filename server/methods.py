@@ -42,6 +42,19 @@ def method_rule(config: RunConfig) -> AggregationRule:
             "away (a change of 1e-4 on weights of 0.02 moves about a third of bfloat16 entries not at all), so the "
             "rule would silently lose training signal; use model.dtype='float32'"
         )
+    ranks = config.lora.client_ranks
+    if ranks and not rule.heterogeneous_ranks:
+        raise ValueError(
+            f"lora.client_ranks={list(ranks)!r} with federation.aggregation={name!r}: {name!r} combines the clients' "
+            "A and B factor by factor, which needs one rank for all; use a rank-heterogeneous rule (flora, svd) "
+            "or leave lora.client_ranks empty"
+        )
+    if ranks and name == "svd" and max(ranks) > config.lora.r:
+        raise ValueError(
+            f"lora.client_ranks={list(ranks)!r} with federation.aggregation='svd' and lora.r={config.lora.r}: svd "
+            f"keeps the global adapters at rank lora.r and sends each client their top components, so no client "
+            f"rank may exceed it; set lora.r={max(ranks)}"
+        )
     lora_fusion = method_growth(config).lora_fusion
     if rule.personalised and method == "devft" and lora_fusion == "svd":
         raise ValueError(

@@ -41,7 +41,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from devft.aggregation import BaseDelta, NonFiniteUpdateError, ServerState, record_state, wire_record
+from devft.aggregation import (
+    BaseDelta,
+    NonFiniteUpdateError,
+    ServerState,
+    lora_part,
+    record_state,
+    wire_record,
+)
 from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
@@ -220,12 +227,14 @@ class DevFTStrategy(Strategy):
         )
 
     def _messages(
-        self, arrays: ArrayRecord, record: ConfigRecord, partitions: list[int], message_type: str, server_round: int
+        self, arrays: ArrayRecord | Mapping[int, ArrayRecord], record: ConfigRecord, partitions: list[int],
+        message_type: str, server_round: int
     ) -> list[Message]:
-        """One message per sampled partition, addressed to the node that holds it."""
+        """One message per sampled partition, addressed to the node that holds it; ``arrays``: the same for
+        all, or one record per partition."""
         return [
             Message(
-                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: record}),
+                RecordDict({ARRAYS_KEY: arrays if isinstance(arrays, ArrayRecord) else arrays[pid], CONFIG_KEY: record}),
                 dst_node_id=self.partition_to_node[pid],
                 message_type=message_type,
                 group_id=str(server_round),
@@ -251,10 +260,27 @@ class DevFTStrategy(Strategy):
                 "client-state-key": state.client_state_key,
             }
         )
-        messages = self._messages(arrays, record, sampled, MessageType.TRAIN, server_round)
+        messages = self._messages(self._arrays_by_rank(arrays, sampled), record, sampled, MessageType.TRAIN,
+                                  server_round)
         self._round.sampled = sampled
         self._round.bytes_down += sum(wire_bytes(m) for m in messages)
         return messages
+
+    def _arrays_by_rank(self, arrays: ArrayRecord, sampled: list[int]) -> ArrayRecord | dict[int, ArrayRecord]:
+        """What each sampled client trains from: ``arrays``, or, with ``lora.client_ranks`` and a rule that
+        sends adapters (svd), the global adapters' top components at each client's own rank."""
+        lora = self.config.lora
+        ranks = {pid: lora.rank_of(pid) for pid in sampled}
+        state = self._require_state()
+        if not lora.client_ranks or state.sub_lora is None or state.stage is None:
+            return arrays
+        rule_state = ServerState(lora=state.sub_lora,
+                                 base_delta=self.model.submodel_delta(state.base_delta, state.stage.plan))
+        if not any(lora_part(k) for k in self.rule.downlink(rule_state, full=True)):  # flora: no adapters go down
+            return arrays
+        records = {r: _to_record(self.rule.downlink(rule_state, full=True, rank=r), self.fed)
+                   for r in sorted(set(ranks.values()))}
+        return {pid: records[rank] for pid, rank in ranks.items()}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -27,12 +28,24 @@ class LoraSettings:
     targets: tuple[str, ...] = field(
         default=(), metadata={"help": "Module names to adapt; empty = the family preset (attention + MLP)."}
     )
+    client_ranks: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "Rank of each client's LoRA by partition id, cycled ([4, 8, 16]: partition 3 has r=4); "
+                          "empty = every client uses r. Needs a rank-heterogeneous federation.aggregation (flora, "
+                          "svd; with svd none above r, the server's rank)."},
+    )
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
         if int(self.r) != self.r or self.r <= 0:
             raise ValueError(f"lora.r must be a positive integer, got r={self.r!r}")
         self.r = int(self.r)
+        if isinstance(self.client_ranks, str | bytes) or any(
+                isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or v <= 0
+                for v in self.client_ranks):
+            raise ValueError(f"lora.client_ranks must be a list of positive integers, got "
+                             f"client_ranks={self.client_ranks!r}")
+        self.client_ranks = tuple(int(v) for v in self.client_ranks)
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"lora.alpha must be a finite number > 0, got alpha={self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -41,6 +54,14 @@ class LoraSettings:
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.r
+
+    def rank_of(self, partition: int) -> int:
+        """The LoRA rank of the client holding ``partition`` (``client_ranks`` cycled, else ``r``)."""
+        return self.client_ranks[partition % len(self.client_ranks)] if self.client_ranks else self.r
+
+    def with_rank(self, rank: int) -> LoraSettings:
+        """These settings for one client's adapters: rank ``rank``, same alpha, dropout and targets."""
+        return dataclasses.replace(self, r=rank, client_ranks=())
 
     def peft_config(self, family: Family) -> LoraConfig:
         return LoraConfig(

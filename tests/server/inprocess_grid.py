@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -92,3 +92,39 @@ class InProcessGrid(Grid):
             back = deserialise(*serialise(reply))
         back.metadata.__dict__["_message_id"] = str(uuid4())
         return back
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every (request, reply) pair; ``fresh`` clears the client's per-process
+    caches before each call, as a deployment's fresh ClientApp process per message would."""
+
+    def __init__(self, client_app, num_nodes, fresh=False):
+        super().__init__(client_app, num_nodes)
+        self.fresh = fresh
+        self.pairs = []
+
+    def _call(self, message):
+        if self.fresh:
+            from client.runtime import clear_process_caches
+
+            clear_process_caches()
+        reply = super()._call(message)
+        self.pairs.append((message, reply))
+        return reply
+
+    def train_replies(self, server_round):
+        return [(self.node_pid(m), r) for m, r in self.pairs
+                if m.metadata.message_type == MessageType.TRAIN and int(m.metadata.group_id) == server_round]
+
+    def node_pid(self, message):
+        return int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
+
+
+def run_recorded(config, out, fresh=False, **kwargs) -> RecordingGrid:
+    """A whole run of ``config`` into ``out`` on a :class:`RecordingGrid` (``kwargs`` go to ``run_server``)."""
+    from client.app import app as client_app
+    from server.app import run_server
+
+    grid = RecordingGrid(client_app, config.data.num_clients, fresh=fresh)
+    run_server(grid, config, out, **kwargs)
+    return grid

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from inprocess_grid import InProcessGrid
+from inprocess_grid import InProcessGrid, run_recorded
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -562,42 +562,7 @@ def test_query_round_needs_a_partition_id(private_env):
 # ---------------------------------------------------------------- aggregation rules in the Flower app
 
 
-class RecordingGrid(InProcessGrid):
-    """The in-process grid, keeping every (request, reply) pair; ``fresh`` clears the client's per-process
-    caches before each call, as a deployment's fresh ClientApp process per message would."""
-
-    def __init__(self, client_app, num_nodes, fresh=False):
-        super().__init__(client_app, num_nodes)
-        self.fresh = fresh
-        self.pairs = []
-
-    def _call(self, message):
-        if self.fresh:
-            from client.runtime import clear_process_caches
-
-            clear_process_caches()
-        reply = super()._call(message)
-        self.pairs.append((message, reply))
-        return reply
-
-    def train_replies(self, server_round):
-        return [(self.node_pid(m), r) for m, r in self.pairs
-                if m.metadata.message_type == MessageType.TRAIN and int(m.metadata.group_id) == server_round]
-
-    def node_pid(self, message):
-        return int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
-
-
 SMOKE_PATH = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.toml"
-
-
-def _run_recorded(config, out, fresh=False, **kwargs):
-    from client.app import app as client_app
-    from server.app import run_server
-
-    grid = RecordingGrid(client_app, config.data.num_clients, fresh=fresh)
-    run_server(grid, config, out, **kwargs)
-    return grid
 
 
 def _train_bytes(grid, server_round):
@@ -615,7 +580,7 @@ def fedit_baseline(private_env, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("fedit") / "run"
-        return _run_recorded(config, out), out
+        return run_recorded(config, out), out
     finally:
         torch.set_num_threads(threads)
 
@@ -637,7 +602,7 @@ def test_base_delta_rules_are_exact_carried_checkpointed_and_exported(
     def grab(row):
         after[row["round"]] = load_checkpoint(out / "checkpoint")
 
-    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # fresh client process per message
+    grid = run_recorded(config, out, fresh=True, on_round=[grab])  # fresh client process per message
 
     # Exact: clients train on W0 + D_{t-1} (the base delta they were sent; FedEx-LoRA: plus Ā, B̄), so after
     # round t the global effective ΔW must be D_{t-1} + Σ_k p_k s B_k A_k of their replies (independent formula).
@@ -692,8 +657,8 @@ def test_base_delta_rules_are_exact_carried_checkpointed_and_exported(
             raise Killed
 
     with pytest.raises(Killed):
-        _run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
-    _run_recorded(config, tmp_path / "killed", resume=True)
+        run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
+    run_recorded(config, tmp_path / "killed", resume=True)
     a, b = adapter(out), adapter(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -718,7 +683,7 @@ def test_base_delta_rules_follow_progfeds_growing_submodel_exactly(rule_name, sm
     def grab(row):
         after[row["round"]] = load_checkpoint(out / "checkpoint")
 
-    grid = _run_recorded(config, out, fresh=True, on_round=[grab])
+    grid = run_recorded(config, out, fresh=True, on_round=[grab])
     table = rows(out)
     assert [(r["stage"], r["submodel_layers"]) for r in table] == [(0, 4), (1, 8), (1, 8)]
     assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)  # clients applied what they were sent
@@ -799,7 +764,7 @@ def test_fedsa_keeps_each_clients_b_on_its_disk_and_averages_a(smoke_config, pri
             for pid in range(4):
                 saved_r1[pid] = real_load(key, pid, 2).sub
 
-    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
+    grid = run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
     key = load_checkpoint(out / "checkpoint")["client_state_key"]
 
     # B never travels: uplink A only, downlink A only.
@@ -955,7 +920,7 @@ def test_fedsa_with_growth_moves_each_clients_b_through_the_stages(
         for pid in row["sampled_partitions"]:
             kept[(pid, row["round"])] = load_personal(key, pid, row["round"] + 1)
 
-    grid = _run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
+    grid = run_recorded(config, out, fresh=True, on_round=[grab])  # a fresh client process per message
     table = rows(out)
     assert [r["stage"] for r in table] == stages and json.loads((out / "summary.json").read_text())["rounds"] == rounds
     assert all(r["clients_ok"] == 2 and r["aggregated"] for r in table)
@@ -1028,10 +993,10 @@ def test_fedsa_resume_finds_the_clients_b_and_ends_where_an_uninterrupted_run_en
         if row["round"] == 1:
             raise Killed
 
-    _run_recorded(config, tmp_path / "full")
+    run_recorded(config, tmp_path / "full")
     with pytest.raises(Killed):
-        _run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
-    _run_recorded(config, tmp_path / "killed", resume=True, fresh=True)
+        run_recorded(config, tmp_path / "killed", on_round=[kill_after_round_1])
+    run_recorded(config, tmp_path / "killed", resume=True, fresh=True)
     a, b = adapter(tmp_path / "full"), adapter(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)  # Ā
     keys = [load_checkpoint(tmp_path / run / "checkpoint")["client_state_key"] for run in ("full", "killed")]
