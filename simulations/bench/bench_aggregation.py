@@ -29,7 +29,9 @@ Each case prints one line ending ``speedup_vs_flower=<x> bandwidth_fraction=<y>`
 ``speedup_vs_flower = flower_s / ours_s`` (each side with its own default payload; ``speedup_same_payload``
 = ``flower_packed_s / ours_s`` and ``arrays_speedup_vs_flower`` = ``flower_s / ours_arrays_s`` are printed
 too) and ``bandwidth_fraction = (input bytes / ours_s) / (copied bytes / copy_s)``: both count each input
-byte once (a copy also writes every byte, so a weighted sum, which writes 1/N of them, can exceed 1).
+byte once (a copy also writes every byte, so a weighted sum, which writes 1/N of them, can exceed 1; the
+issue's definition). ``traffic_fraction`` counts memory traffic, reads and writes, on both sides:
+``(1 + 1/N) · input bytes / ours_s`` over ``2 · copied bytes / copy_s`` (1 = the copy's own rate).
 
 With a CUDA GPU and Triton (or ``--device cpu`` under ``TRITON_INTERPRET=1`` to exercise the code path), it
 also prints, per case, the Triton kernel against the torch backend on the same device tensors and against the
@@ -213,6 +215,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
         # the same ratios from process CPU time (less sensitive to other processes on a shared machine)
         "cpu_speedup": med_cpu["flower"] / med_cpu["ours"],
         "cpu_fraction": (nbytes / med_cpu["ours"]) / (copy_elems * 4 / med_cpu["copy"]),
+        "traffic_fraction": (1 + 1 / clients) * ours_bps / (2 * copy_bps),
         "speedup_vs_flower": med["flower"] / med["ours"], "bandwidth_fraction": ours_bps / copy_bps,
         "ours_min_s": min(times["ours"]), "flower_min_s": min(times["flower"]), "copy_min_s": min(times["copy"]),
     }
@@ -271,12 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
             "ours_s", "norms_s", "norms_vs_ours", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
-            "speedup_vs_flower", "bandwidth_fraction"]
+            "traffic_fraction", "speedup_vs_flower", "bandwidth_fraction"]
     gpu_keys = ["clients", "rank", "total_gb", "dcopy_s", "kernel_s", "call_s", "checked_call_s", "torch_s",
                 "packed_kernel_s", "packed_call_s", "packed_torch_s", "kernel_gbps", "dcopy_gbps",
-                "max_abs_diff_vs_reference", "call_bandwidth_fraction", "packed_call_bandwidth_fraction",
-                "packed_triton_vs_torch", "packed_bandwidth_fraction", "triton_vs_torch", "bandwidth_fraction"]
-    sweep_keys = ["clients", "rank", "layout", "block", "num_warps", "unroll", "kernel_s", "bandwidth_fraction"]
+                "kernel_traffic_gbps", "dcopy_traffic_gbps", "max_abs_diff_vs_reference", "call_bandwidth_fraction",
+                "packed_call_bandwidth_fraction", "packed_triton_vs_torch", "traffic_fraction",
+                "packed_traffic_fraction", "packed_bandwidth_fraction", "triton_vs_torch", "bandwidth_fraction"]
+    sweep_keys = ["clients", "rank", "layout", "block", "num_warps", "unroll", "kernel_s", "traffic_fraction",
+                  "bandwidth_fraction"]
+    save(rows)  # an empty list at once: a run that dies early still leaves a file
     if args.gpu_only and not run_device:
         print("# --gpu-only: no CUDA device with Triton here (or TRITON_INTERPRET=1 with --device cpu)", flush=True)
         return 1
@@ -295,22 +301,31 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"kind": "host", "device": str(device), **hrow})
                 print("host " + fmt(hrow, list(hrow)), flush=True)
             elif run_device:
-                drow = device_case(shapes, clients, rank, args.repeats, device)
-                rows.append({"kind": "device", "device": str(device), **drow})
-                print("gpu " + fmt(drow, gpu_keys), flush=True)
+                try:  # a case that fails (memory, a compile error) is recorded and the run goes on
+                    drow = device_case(shapes, clients, rank, args.repeats, device)
+                    rows.append({"kind": "device", "device": str(device), **drow})
+                    print("gpu " + fmt(drow, gpu_keys), flush=True)
+                except Exception as err:  # noqa: BLE001
+                    print(f"# gpu case clients={clients} rank={rank}: {type(err).__name__}: {err}", flush=True)
+                    rows.append({"kind": "device", "device": str(device), "clients": clients, "rank": rank,
+                                 "error": f"{type(err).__name__}: {err}"[:500]})
+                save(rows)
                 if args.sweep:
                     swept = sweep_case(shapes, clients, rank, args.repeats, device)
                     rows.extend({"kind": "sweep", "device": str(device), **r} for r in swept)
                     for layout in LAYOUTS:
-                        best = max((r for r in swept if r["layout"] == layout), key=lambda r: r["bandwidth_fraction"])
-                        print("sweep-best " + fmt(best, sweep_keys), flush=True)
+                        timed_ok = [r for r in swept if r["layout"] == layout and "error" not in r]
+                        if timed_ok:
+                            best = max(timed_ok, key=lambda r: r["bandwidth_fraction"])
+                            print("sweep-best " + fmt(best, sweep_keys), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             gc.collect()
             save(rows)  # after every case: a run cut short keeps what it measured
     print(f"# loadavg at end {os.getloadavg()[0]:.2f}", flush=True)
     save(rows)
-    return 0 if all(math.isfinite(r.get("bandwidth_fraction", 0.0)) for r in rows) else 1
+    failed = any("error" in r for r in rows)
+    return 0 if not failed and all(math.isfinite(r.get("bandwidth_fraction", 0.0)) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ the packed wire layout):
 
 ``bandwidth_fraction = dcopy_s / kernel_s`` (per_key), ``packed_bandwidth_fraction`` the same for the packed
 layout, ``call_bandwidth_fraction`` and ``packed_call_bandwidth_fraction`` with ``call_s``: input bytes per
-second over copied bytes per second, each input byte counted once (the copy also writes each byte, a
-weighted sum 1/N of them, so a fraction can exceed 1). ``triton_vs_torch = torch_s / call_s``.
+second over copied bytes per second, each input byte counted once (the issue's definition). The copy also
+writes each byte and a weighted sum only 1/N of them, so a kernel as fast as the memory scores up to
+2N/(N+1), about 2. ``traffic_fraction`` (and ``packed_``) counts memory traffic instead, reads and writes:
+``(1 + 1/N) · nbytes / kernel_s`` over ``2 · nbytes / dcopy_s``; 1 is the copy's own rate.
+``triton_vs_torch = torch_s / call_s``.
 
 Under ``TRITON_INTERPRET=1`` with ``--device cpu`` the same code runs through Triton's interpreter (the
 timings then mean nothing; the tests use it to check the code path).
@@ -33,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 BURST = 10  # back-to-back launches per timed sample on a GPU
+WARMUP = 3  # untimed replays before the timed ones (clocks up, caches and TLBs warm)
 SWEEP = {"block": (1024, 2048, 4096, 8192), "num_warps": (4, 8), "unroll": (1, 2, 4)}
 LAYOUTS = ("per_key", "packed")
 
@@ -73,7 +77,11 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to timing plain bursts
             print(f"# CUDA graph capture failed ({type(err).__name__}: {err}); timing plain bursts", flush=True)
             torch.cuda.synchronize(device)
+            for _ in range(WARMUP):
+                burst(fn)
             return events(lambda: burst(fn), BURST)
+        for _ in range(WARMUP):
+            graph.replay()
         return events(graph.replay, BURST)
 
     def wall(fn: Callable[[], object]) -> float:
@@ -89,8 +97,15 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]
 
 
 def _device_weights(weights: list[float], device: torch.device) -> torch.Tensor | list[float]:
-    """The weights as a float64 device tensor on a GPU (a launch then copies nothing), as they are elsewhere."""
-    return torch.tensor(weights, dtype=torch.float64, device=device) if device.type == "cuda" else weights
+    """The weights as a float32 device tensor on a GPU (the inputs' accumulation dtype: a launch then copies
+    and converts nothing), as they are elsewhere."""
+    return torch.tensor(weights, dtype=torch.float32, device=device) if device.type == "cuda" else weights
+
+
+def traffic_fraction(dcopy_s: float, kernel_s: float, clients: int) -> float:
+    """Memory traffic per second of a weighted sum (reads all N inputs, writes one output) over a copy's
+    (reads and writes every byte): ``(1 + 1/N) · dcopy_s / (2 · kernel_s)``."""
+    return (1.0 + 1.0 / clients) * dcopy_s / (2.0 * kernel_s)
 
 
 def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -136,12 +151,15 @@ def device_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, rep
         row[f"{tag}torch_s"] = whole_call(_synced(
             lambda u=updates: weighted_sum_many(u, weights, backend="torch", check_finite=False), device))
         row[f"{tag}bandwidth_fraction"] = row["dcopy_s"] / row[f"{tag}kernel_s"]
+        row[f"{tag}traffic_fraction"] = traffic_fraction(row["dcopy_s"], row[f"{tag}kernel_s"], clients)
         row[f"{tag}call_bandwidth_fraction"] = row["dcopy_s"] / row[f"{tag}call_s"]
         row[f"{tag}triton_vs_torch"] = row[f"{tag}torch_s"] / row[f"{tag}call_s"]
     row["checked_call_s"] = whole_call(_synced(
         lambda: weighted_sum_many(inputs["per_key"], weights, backend="triton"), device))
-    row["kernel_gbps"] = nbytes / row["kernel_s"] / 1e9
-    row["dcopy_gbps"] = nbytes / row["dcopy_s"] / 1e9
+    row["kernel_gbps"] = nbytes / row["kernel_s"] / 1e9  # input bytes a second
+    row["dcopy_gbps"] = nbytes / row["dcopy_s"] / 1e9  # copied bytes a second (its traffic is twice that)
+    row["kernel_traffic_gbps"] = nbytes * (1 + 1 / clients) / row["kernel_s"] / 1e9
+    row["dcopy_traffic_gbps"] = 2 * nbytes / row["dcopy_s"] / 1e9
     row["max_abs_diff_vs_reference"] = _max_diff(inputs, weights)
     return row
 
@@ -174,8 +192,9 @@ def host_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repea
 
 def sweep_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repeats: int,
                device: torch.device, grid: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, float]]:
-    """``kernel_s`` and ``bandwidth_fraction`` of every launch configuration in ``grid`` (default
-    ``SWEEP``), per layout, with the copy timed once for the case."""
+    """``kernel_s``, ``bandwidth_fraction`` and ``traffic_fraction`` of every launch configuration in
+    ``grid`` (default ``SWEEP``), per layout, with the copy timed once for the case. A configuration that
+    fails gets a row with its ``error`` instead, and the sweep goes on."""
     from devft.aggregation.kernels.triton_wsum import KernelConfig, prepare_weighted_sum_triton
 
     inputs = make_inputs(shapes, clients, device)
@@ -187,11 +206,17 @@ def sweep_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repe
     grid = grid or SWEEP
     rows = []
     for block, num_warps, unroll in itertools.product(grid["block"], grid["num_warps"], grid["unroll"]):
-        config = KernelConfig(block=block, num_warps=num_warps, unroll=unroll)
         for layout in LAYOUTS:
-            prepared = prepare_weighted_sum_triton(inputs[layout], check_finite=False, config=config)
-            kernel = timer(lambda p=prepared: p.launch(wdev))
-            rows.append({"clients": clients, "rank": rank, "layout": layout, "block": block,
-                         "num_warps": num_warps, "unroll": unroll, "kernel_s": kernel, "dcopy_s": dcopy,
-                         "bandwidth_fraction": dcopy / kernel})
+            row = {"clients": clients, "rank": rank, "layout": layout, "block": block, "num_warps": num_warps,
+                   "unroll": unroll}
+            try:
+                config = KernelConfig(block=block, num_warps=num_warps, unroll=unroll)
+                prepared = prepare_weighted_sum_triton(inputs[layout], check_finite=False, config=config)
+                kernel = timer(lambda p=prepared: p.launch(wdev))
+            except Exception as err:  # noqa: BLE001 - one configuration failing must not lose the others
+                print(f"# sweep {row}: {type(err).__name__}: {err}", flush=True)
+                rows.append({**row, "error": f"{type(err).__name__}: {err}"[:500]})
+                continue
+            rows.append({**row, "kernel_s": kernel, "dcopy_s": dcopy, "bandwidth_fraction": dcopy / kernel,
+                         "traffic_fraction": traffic_fraction(dcopy, kernel, clients)})
     return rows

@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton aggregation kernel, in one run, for a CUDA machine that has torch, Triton,
-# numpy and pytest but neither Flower nor the model: the compiled-kernel tests (every test of test_triton.py
-# runs on CUDA tensors there, the gpu-marked ones included, plus the sm_90 code checks, and growth on a CUDA
-# model: tests/devft/growth/test_on_gpu.py), then the
-# benchmark's device section with the launch-configuration sweep (docs/benchmarks.md, "Triton kernel on the
-# GPU"). Writes gpu.txt, gpu_tests.txt, bench_gpu.txt and bench_gpu.json (rewritten after every case, so a
-# run cut short keeps what it measured) to $OUT (default: the current folder).
-# Time limits: TESTS_S (default 180) and BENCH_S (default 360) seconds. Exits non-zero when the tests or the
-# benchmark fail or time out; the benchmark runs either way.
+# numpy and pytest but neither Flower nor the model:
+# 0. a preflight: CUDA usable by torch, and a tiny Triton kernel compiled and run (Triton builds its launcher
+#    with a C compiler and Python's headers on first use); stops at once, saying why, if either fails;
+# 1. the compiled-kernel tests: every test of test_triton.py on CUDA tensors, the gpu-marked ones included,
+#    the sm_90 code checks, and growth on a CUDA model (tests/devft/growth/test_on_gpu.py);
+# 2. the benchmark's device section with the launch-configuration sweep (docs/benchmarks.md, "Triton kernel
+#    on the GPU").
+# Writes gpu.txt, gpu_tests.txt, bench_gpu.txt and bench_gpu.json (rewritten after every case, so a run cut
+# short keeps what it measured) to $OUT (default: the current folder).
+# Time limits: TESTS_S (default 150) and BENCH_S (default 270) seconds, each killed 10 s after its limit.
+# Exits non-zero when the preflight, the tests or the benchmark fail or time out; the benchmark runs even
+# when a test failed.
 set -uo pipefail
+out=$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)
 cd "$(dirname "$0")/../.."
-out=${OUT:-.}
-export PYTHONPATH=.
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv
-  python3 -c "import numpy, torch, triton; print('numpy', numpy.__version__, 'torch', torch.__version__,
-'triton', triton.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$out/gpu.txt"
-timeout "${TESTS_S:-180}" python3 -m pytest -m "not slow" -q -p no:cacheprovider \
-  tests/devft/aggregation/test_triton.py tests/devft/aggregation/test_triton_codegen.py \
+export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # compiled kernels only: never the CPU interpreter
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv
+  echo "compilers: $(command -v gcc cc clang | tr '\n' ' ')"
+  timeout -k 10 120 python3 - <<'PY'
+import sysconfig, os, sys
+import numpy, torch, triton
+import triton.language as tl
+print("numpy", numpy.__version__, "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
+print("Python.h:", os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+if not torch.cuda.is_available():
+    sys.exit("preflight: torch sees no CUDA device (driver or CUDA build mismatch?); nothing else would mean anything")
+
+@triton.jit
+def _add_one(x, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x + i, tl.load(x + i, mask=i < n) + 1.0, mask=i < n)
+
+x = torch.zeros(1000, device="cuda")
+_add_one[(4,)](x, 1000, BLOCK=256)
+torch.cuda.synchronize()
+assert bool((x == 1).all()), "preflight: the tiny Triton kernel ran but computed the wrong result"
+print("preflight: CUDA and a compiled Triton kernel work on", torch.cuda.get_device_name())
+PY
+} 2>&1 | tee "$out/gpu.txt"
+preflight=${PIPESTATUS[0]}
+if [ "$preflight" -ne 0 ]; then
+  echo "preflight failed (exit $preflight): see gpu.txt; tests and benchmark not run" | tee -a "$out/gpu.txt"
+  exit 1
+fi
+timeout -k 10 "${TESTS_S:-150}" python3 -m pytest -m "not slow" -v -p no:cacheprovider -o faulthandler_timeout=60 \
+  --durations=15 tests/devft/aggregation/test_triton.py tests/devft/aggregation/test_triton_codegen.py \
   tests/devft/growth/test_on_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
-timeout "${BENCH_S:-360}" python3 simulations/bench/bench_aggregation.py --gpu-only --shapes static --sweep \
+timeout -k 10 "${BENCH_S:-270}" python3 simulations/bench/bench_aggregation.py --gpu-only --shapes static --sweep \
   --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.txt"
 bench=${PIPESTATUS[0]}
 echo "tests exit $tests, bench exit $bench" | tee -a "$out/gpu.txt"

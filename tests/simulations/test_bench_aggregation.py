@@ -59,8 +59,11 @@ def test_gpu_only_section_runs_on_static_shapes(monkeypatch, capsys, tmp_path):
     fields = dict(kv.split("=") for kv in line.split()[1:])
     assert float(fields["max_abs_diff_vs_reference"]) < 1e-6
     assert line.split()[-2].startswith("triton_vs_torch=") and line.split()[-1].startswith("bandwidth_fraction=")
-    for key in ("bandwidth_fraction", "packed_bandwidth_fraction", "call_bandwidth_fraction", "kernel_s"):
+    for key in ("bandwidth_fraction", "packed_bandwidth_fraction", "call_bandwidth_fraction", "kernel_s",
+                "traffic_fraction", "packed_traffic_fraction"):
         assert math.isfinite(float(fields[key])) and float(fields[key]) > 0, key
+    # traffic counts reads and writes: 2 clients read 2 inputs and write 1, a copy reads 1 and writes 1
+    assert float(fields["traffic_fraction"]) == pytest.approx(0.75 * float(fields["bandwidth_fraction"]), rel=1e-3)
     best = [dict(kv.split("=") for kv in ln.split()[1:]) for ln in lines if ln.startswith("sweep-best ")]
     assert sorted(b["layout"] for b in best) == ["packed", "per_key"]
     rows = json.loads((tmp_path / "gpu.json").read_text())
@@ -79,3 +82,19 @@ def test_triton_host_work_is_timed_without_running_a_kernel(monkeypatch, capsys)
     fields = dict(kv.split("=") for kv in line.split()[1:])
     assert int(fields["tensors_per_client"]) == 2 * 7 * 2  # 2 layers × 7 projections × (A, B)
     assert float(fields["per_key_prepare_s"]) > 0 and float(fields["packed_prepare_s"]) > 0
+
+
+def test_a_failing_sweep_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    pytest.importorskip("triton")
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _bench()  # puts the device section's folder on sys.path
+    device_bench = _load(BENCH.with_name("bench_aggregation_device.py"))
+    shapes = {"a": (4, 64), "b": (64, 4)}
+    rows = device_bench.sweep_case(shapes, 2, 4, 1, torch.device("cpu"),
+                                   grid={"block": (128, 100), "num_warps": (4,), "unroll": (1,)})
+    assert [(r["block"], r["layout"]) for r in rows] == [(128, "per_key"), (128, "packed"), (100, "per_key"),
+                                                         (100, "packed")]
+    assert all("error" not in r and r["traffic_fraction"] > 0 for r in rows[:2])
+    assert all("block" in r["error"] and "kernel_s" not in r for r in rows[2:])  # 100 is not a power of two

@@ -257,11 +257,14 @@ class PreparedWeightedSum:
     def device_weights(self, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """``weights`` as a float64 tensor on the device: a sequence or CPU tensor is checked (one finite
         number per client) and copied without blocking the host; a tensor already on the device is used
-        as it is, unchecked (checking it would wait for the device)."""
+        as it is, unchecked (checking it would wait for the device). A float32 device tensor is taken too
+        when every input accumulates in float32: a launch then converts nothing."""
         if isinstance(weights, torch.Tensor) and weights.device == self.device and self.device.type != "cpu":
-            if weights.dtype != torch.float64 or weights.shape != (len(self.sources),):
-                raise ValueError(f"device weights must be float64 of shape ({len(self.sources)},), got "
-                                 f"{weights.dtype} of shape {tuple(weights.shape)}")
+            wide = any(ln.flat.dtype == torch.float64 for ln in self.launches)
+            allowed = (torch.float64,) if wide else (torch.float64, torch.float32)
+            if weights.dtype not in allowed or weights.shape != (len(self.sources),):
+                raise ValueError(f"device weights must be {' or '.join(map(str, allowed))} of shape "
+                                 f"({len(self.sources)},), got {weights.dtype} of shape {tuple(weights.shape)}")
             return weights
         host = torch.tensor(check_weights(weights, len(self.sources)), dtype=torch.float64)
         if self.device.type == "cpu":
@@ -279,12 +282,13 @@ class PreparedWeightedSum:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             if self.check_finite:
                 self.flags.zero_()
+            cast = {dtype: wdev.to(dtype) for dtype in {ln.flat.dtype for ln in self.launches if ln.runs}}  # no-op when equal
             for ln in self.launches:
                 if not ln.runs:
                     continue
                 block_run, block_start, sizes, offsets = block_tables(ln.runs, self.config.block, self.device)
                 _kernel(self.device.type == "cpu")[(block_run.numel(),)](
-                    ln.ptrs, wdev.to(ln.flat.dtype), ln.flat, block_run, block_start, sizes, offsets, self.flags,
+                    ln.ptrs, cast[ln.flat.dtype], ln.flat, block_run, block_start, sizes, offsets, self.flags,
                     ln.elements[0][0], len(self.sources), len(ln.runs),
                     BLOCK=self.config.block, CHECK_FINITE=self.check_finite, VEC=ln.vec,
                     UNROLL=self.config.unroll, num_warps=self.config.num_warps,

@@ -33,9 +33,10 @@ def on_device(updates):
     return [{k: v.to(DEVICE) for k, v in u.items()} for u in updates]
 
 
-# the interpreter runs each program in Python: the many-tiny-tensors case is cut to 100 tensors here
-TRITON_CASES = {**{k: v for k, v in CASES.items() if k != "long_runs"},  # the interpreter is slow per element
-                "many_tiny_tensors": (4, CASES["many_tiny_tensors"][1][:100])}
+# the interpreter runs each program in Python: without a GPU the long-runs case is left out and the
+# many-tiny-tensors case cut to 100 tensors; compiled on a GPU, every case runs whole
+TRITON_CASES = dict(CASES) if DEVICE.type == "cuda" else {
+    **{k: v for k, v in CASES.items() if k != "long_runs"}, "many_tiny_tensors": (4, CASES["many_tiny_tensors"][1][:100])}
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
@@ -214,3 +215,19 @@ def test_triton_on_gpu_every_launch_config_aligned_or_not(dtype, atol, rtol, con
         again = prepared.launch(torch.tensor(weights, dtype=torch.float64, device="cuda"))
         for first, (_, second) in zip(on_device, again):
             assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_triton_on_gpu_takes_device_weights_in_the_accumulation_dtype():
+    updates = on_device(make_updates(3, [(4096,), (8, 576)], torch.float32, seed=8))
+    prepared = triton_wsum.prepare_weighted_sum_triton(updates)
+    expected = independent(updates, [0.2, 0.3, 0.5])
+    for dtype in (torch.float64, torch.float32):  # float32: the launch converts nothing
+        flats = prepared.launch(torch.tensor([0.2, 0.3, 0.5], dtype=dtype, device=DEVICE))
+        for group, flat in flats:
+            for key, n, off in zip(group.keys, group.numels, group.offsets):
+                torch.testing.assert_close(flat[off : off + n].double().cpu(), expected[key].reshape(-1),
+                                           atol=1e-6, rtol=1e-6)
+    wide = triton_wsum.prepare_weighted_sum_triton(on_device(make_updates(2, [(64,)], torch.float64, seed=1)))
+    with pytest.raises(ValueError, match="device weights must be torch.float64 of shape"):
+        wide.launch(torch.tensor([0.5, 0.5], dtype=torch.float32, device=DEVICE))  # would round fp64 sums' weights
