@@ -142,12 +142,21 @@ def _cmd_partitions(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from devft.config import config_to_dict, describe
+    from devft.config import config_to_dict, describe, load_config, to_flwr_run_config
 
-    if args.config or args.set:
+    if args.flwr:  # what `devft simulate [CONFIG] [--set …]` would run, as one file Flower can take
+        config = _config(args.config, args.set)
+        print(f"# flwr run . --run-config FILE: {args.config or QUICKSTART.name}"
+              + "".join(f" --set {s}" for s in args.set or []) + ", every key resolved; add run-dir = \"DIR\" "
+              "to choose the run directory")
+        print(to_flwr_run_config(config), end="")
+    elif args.config or args.set:
         print(json.dumps(config_to_dict(_config(args.config, args.set, default_quickstart=False)), indent=2))
     else:
-        print(describe())
+        quickstart = load_config(QUICKSTART) if QUICKSTART.exists() else None
+        print("# every key with its default, the value a TOML file or --set starts from; `devft simulate` "
+              f"without CONFIG runs {QUICKSTART.name}" + (", whose values differ where marked" if quickstart else ""))
+        print(describe(quickstart))
     return 0
 
 
@@ -202,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="list every config key with its default and help, or resolve a config")
     with_config(p, "TOML config to resolve (optional)")
+    p.add_argument("--flwr", action="store_true",
+                   help="print the resolved config (default: the quickstart) as one flat TOML file for "
+                        "`flwr run . --run-config FILE` (Flower resolves no `extends` and no --set beside a file)")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
@@ -216,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError) as err:  # OSError: FileNotFoundError, IsADirectoryError, …
+        print(f"devft: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the ones a user can act on read as one line; any other is a bug: traceback
+        from devft.models.smollm2 import ModelUnavailableError
+        from server.run_dir import RunDirectoryBusy
+
+        if not isinstance(err, RunDirectoryBusy | ModelUnavailableError):
+            raise
         print(f"devft: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ underscores are interchangeable, so Flower's kebab-case run-config keys work as 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -308,12 +309,32 @@ def changed_keys(saved: Mapping[str, Any], config: RunConfig) -> list[str]:
     return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
 
 
-def describe() -> str:
-    """Every key with its default and help text (``devft config``)."""
+def describe(quickstart: RunConfig | None = None) -> str:
+    """Every key with its default and help text (``devft config``); with ``quickstart``, each key that config
+    sets to another value says so (``[quickstart: …]``)."""
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]  {(cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+            there = getattr(getattr(quickstart, section), f.name) if quickstart is not None else default
+            mark = f" [quickstart: {there!r}]" if there != default else ""
+            lines.append(f"  {f.name} = {default!r}{mark}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def to_flwr_run_config(config: RunConfig) -> str:
+    """Every key of ``config`` as a flat TOML file for ``flwr run . --run-config FILE`` (Flower resolves no
+    ``extends`` and takes no ``key=value`` pairs beside a file, so the file must hold everything)."""
+    lines = []
+    for key, value in config_to_flat(config).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            if not math.isfinite(value):
+                raise ValueError(f"{key}={value!r} has no TOML form")
+            text = repr(value)
+        else:
+            text = json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

@@ -121,7 +121,7 @@ class _RoundBar:
             self.task,
             completed=row["round"],
             description=(
-                f"stage {row['stage'] + 1} ({row['submodel_layers']} layers) loss {train}{evl} "
+                f"stage {row['stage']} ({row['submodel_layers']} layers) loss {train}{evl} "
                 f"↑{row['bytes_up'] / 2**20:.1f} ↓{row['bytes_down'] / 2**20:.1f} MiB{failed}"
             ),
         )

@@ -77,6 +77,38 @@ def test_config_works_as_flwr_run_config(path):
     assert config_from_flat({k: v for k, v in fused.items() if "." in k}) == load_config(path)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_goes_to_flwr_run_through_devft_config_flwr(path, tmp_path, capsys):
+    """``devft config FILE --set … --flwr`` writes one flat file, ``extends`` and overrides resolved, that
+    Flower's own run-config reading turns back into the same config."""
+    from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+    from devft.cli import main
+
+    assert main(["config", str(path), "--set", "train.seed=7", "--flwr"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"# flwr run . --run-config FILE: {path} --set train.seed=7, every key resolved")
+    file = tmp_path / "run.toml"
+    file.write_text(text)
+    flat = parse_config_args([str(file)])  # how `flwr run --run-config FILE` reads it
+    declared = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert set(flat) <= set(declared), sorted(set(flat) - set(declared))
+    fused = fuse_dicts(declared, flat)
+    assert config_from_flat({k: v for k, v in fused.items() if "." in k}) == load_config(path, {"train.seed": "7"})
+
+
+def test_config_listing_marks_what_the_quickstart_changes(capsys):
+    from devft.cli import main
+
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "quickstart.toml" in lines[0]
+    num_train = next(ln for ln in lines if ln.strip().startswith("num_train = "))
+    assert num_train.strip().startswith("num_train = 2000 [quickstart: 800]  # ")
+    name = next(ln for ln in lines if ln.strip().startswith("name = "))
+    assert "[quickstart:" not in name  # the quickstart keeps the default model
+
+
 def test_pyproject_app_config_is_the_quickstart():
     from flwr.common.config import flatten_dict
 

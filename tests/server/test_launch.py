@@ -181,7 +181,8 @@ def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, p
     assert "does not load onto model.name='tiny-llama'" in err and "not found in the base model" in err
 
 
-def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke_config, private_env, tmp_path):
+def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke_config, private_env, tmp_path,
+                                                                         capsys):
     import os
     import subprocess
     import sys
@@ -201,6 +202,12 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke
         with pytest.raises(RunDirectoryBusy, match=f"in use by another devft run \\(pid {holder.pid} on "):
             simulate(smoke_config(), out, progress=False)
         assert (out / "summary.json").exists() and not (out / ".previous-run").exists()
+        # the command line says it in one line, as it does other errors a user can act on (no traceback)
+        from devft.cli import main
+
+        assert main(["simulate", str(SMOKE), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("devft: error: run directory") and f"pid {holder.pid} on" in err and "\n" not in err
     finally:
         holder.kill()
         holder.wait()
