@@ -25,7 +25,7 @@ def _eval_dict(result: EvalResult) -> dict:
 def run_central(config: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train one LoRA on all training partitions with ``config.train``; evaluate before and after.
 
-    Writes ``adapter/`` (peft format) and ``central.json`` into ``out_dir`` and returns the summary.
+    Writes ``adapter/`` (peft format), ``central.json`` and ``config.json`` into ``out_dir`` and returns the summary.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,4 +71,6 @@ def run_central(config: RunConfig, out_dir: str | Path, progress: bool = True) -
         "samples_after": after.samples,
     }
     (out_dir / "central.json").write_text(json.dumps(summary, indent=2))
+    # as a run directory has it: `devft eval --adapter OUT/adapter` then evaluates with this config
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     return summary

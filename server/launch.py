@@ -136,7 +136,7 @@ def simulate(
 ) -> Path:
     """Run ``config`` on the simulation engine with one virtual SuperNode per data partition.
 
-    Writes the run directory of DESIGN.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
+    Writes the run directory of docs/design.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
     earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when a run there completes. ``num_supernodes`` defaults to ``data.num_clients``.
     """
     from flwr.simulation import run_simulation

@@ -1,4 +1,4 @@
-"""The run directory of DESIGN.md §4: metrics.jsonl, summary.json, adapter/, checkpoint/, config.
+"""The run directory of docs/design.md §4: metrics.jsonl, summary.json, adapter/, checkpoint/, config.
 
 ``metrics.jsonl`` gets one JSON object per round, appended and flushed as the round ends; on resume the
 rows after the checkpointed round (written by the killed process after its last checkpoint) are dropped,

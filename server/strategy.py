@@ -146,6 +146,7 @@ class _RoundLog:
     update_norm_s: float = 0.0
     clipped: list[dict[str, float]] = field(default_factory=list)  # replies scaled back onto the bound
     client_eval: dict[str, float] = field(default_factory=dict)
+    rule_info: dict[str, float] = field(default_factory=dict)  # the rule's diagnostics of this aggregation
     base_delta: dict[str, BaseDelta] | None = None  # the aggregated base delta (None: unchanged)
 
 
@@ -358,6 +359,7 @@ class DevFTStrategy(Strategy):
         self._round.aggregate_s = time.perf_counter() - start
         self._round.aggregated = True
         self._round.base_delta = new_state.base_delta
+        self._round.rule_info = {k: float(v) for k, v in new_state.info.items()}  # e.g. svd's truncated tail
         return ArrayRecord({k: v.float().contiguous() for k, v in new_state.lora.items()}), metrics
 
     def _bounded_records(self, server_round: int, rule_state: ServerState, updates: list[ClientUpdate]) -> list[Any]:
@@ -661,7 +663,7 @@ class DevFTStrategy(Strategy):
         evaluation: dict[str, Any],
         end_of_stage: bool,
     ) -> dict[str, Any]:
-        """The metrics.jsonl row of a round (DESIGN.md §4)."""
+        """The metrics.jsonl row of a round (docs/design.md §4)."""
         r = self._round
         ok = sorted(r.updates, key=lambda u: u.partition_id)
 
@@ -706,6 +708,7 @@ class DevFTStrategy(Strategy):
             "num_examples": total,
             **evaluation,
             **r.client_eval,
+            **r.rule_info,
         }
 
     def _finish(self, rows: list[dict[str, Any]]) -> None:

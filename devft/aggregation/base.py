@@ -8,7 +8,7 @@ change the frozen weights, the cumulative :class:`BaseDelta` of each module) and
 3. ``rule.aggregate(state, replies, num_examples)`` → the next state (validates the replies first).
 
 Replies are mappings of tensors or Flower ``ArrayRecord``s (read in place). ``ΔW`` of a module is
-``s · B A`` with ``s = alpha / r``; weights ``p_k = n_k / Σ n``. See DESIGN.md §3 for the rules' table.
+``s · B A`` with ``s = alpha / r``; weights ``p_k = n_k / Σ n``. See docs/design.md §3 for the rules' table.
 
 Base deltas travel under ``{module}.base_delta.weight`` (dense, ``(d_out, d_in)``) or as factors
 ``{module}.base_delta.B`` ``(d_out, R)`` and ``{module}.base_delta.A`` ``(R, d_in)`` with ``ΔW = B A``:

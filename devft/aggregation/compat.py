@@ -3,7 +3,7 @@
 Methods (the strategy's ``method``): ``fedit`` (one stage, the full model), ``progfed`` (stages that add
 the next layers, no fusion, no transfer) and ``devft`` (fused submodels, knowledge transfer of LoRA
 between stages). DevFT's contract: each stage the client rebuilds the fused base layers from its own
-pristine base model, and knowledge transfer carries LoRA only (DESIGN.md §1, §2.5).
+pristine base model, and knowledge transfer carries LoRA only (docs/design.md §1, §2.5).
 
 | rule  | fedit | progfed | devft | why |
 |-------|-------|---------|-------|-----|

@@ -87,6 +87,8 @@ def test_svd_sends_each_client_the_global_adapters_at_its_rank(smoke_config, pri
     table = _rows(tmp_path / "run")
     assert [(r["submodel_layers"], r["clients_ok"], r["clients_failed"]) for r in table] == [
         (4, 4, 0), (4, 4, 0), (8, 4, 0), (8, 4, 0)]
+    # rows say how much the truncation dropped: 4 replies of ranks 2, 4, 2, 4 stack to rank 12, kept at 4
+    assert all(0 < r["svd_tail_rel_mean"] <= r["svd_tail_rel_max"] < 1 for r in table)
     for server_round in (1, 2, 3, 4):
         sent = {pid: (message, record_tensors(message.content["arrays"]))
                 for pid, message, _ in _pairs(grid, MessageType.TRAIN, server_round)}

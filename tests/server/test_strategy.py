@@ -927,7 +927,7 @@ def test_fedsa_with_growth_moves_each_clients_b_through_the_stages(
     evaluated = [r for r in table if r["eval_loss"] is not None]
     assert evaluated and all(math.isfinite(r["eval_loss"]) and r["eval_clients"] == 2 for r in evaluated)
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evaluated)  # the clients' exact match, as the server's
-    # Evaluation is of each client's full model in every stage (DESIGN §2.6): Ā of all 8 layers after virtual
+    # Evaluation is of each client's full model in every stage (docs/design.md §2.6): Ā of all 8 layers after virtual
     # transfer, with the full model's plan; the personalised submodels are not evaluated separately.
     assert all(r["eval_kind"] == "personalised-clients-mean" for r in evaluated)
     full_depth = [r for r in table if r["submodel_layers"] == 8]

@@ -350,7 +350,7 @@ def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, start):
     base = sum(payload_nbytes(d.payload(m)) for m, d in state.base_delta.items())
     assert (base > 0) == rule.changes_base
     assert down == lora_bytes(down_parts) + base
-    # elements per module as in DESIGN.md §3: FedIT r(d_in + d_out), FFA r·d_out, FedSA r·d_in
+    # elements per module as in docs/design.md §3: FedIT r(d_in + d_out), FFA r·d_out, FedSA r·d_in
     a_key, b_key = lora_key(0, "mlp.down_proj", "lora_A"), lora_key(0, "mlp.down_proj", "lora_B")
     sent = rule.client_payload(start)
     elements = sum(sent[k].numel() for k in (a_key, b_key) if k in sent)
