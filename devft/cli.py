@@ -238,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"devft: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from server.strategy import RunStopped
+
+        if not isinstance(err, RunStopped):
+            raise
+        print(f"devft: {err}", file=sys.stderr)
+        return 130  # as a shell reports a program that Ctrl-C ended
 
 
 if __name__ == "__main__":

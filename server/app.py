@@ -13,6 +13,7 @@ Run-config keys with a dot (``federation.num-rounds``, ``lora.r``) are the run c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
@@ -70,15 +71,17 @@ def run_server(
     resume: bool = False,
     on_round: Iterable[RoundCallback] = (),
     global_model: GlobalModel | None = None,
+    stop: threading.Event | None = None,
 ) -> Path:
-    """Run (or resume) the whole federated run on ``grid``; write the run directory and its report."""
+    """Run (or resume) the whole federated run on ``grid``; write the run directory and its report. ``stop``:
+    see :class:`~server.strategy.DevFTStrategy`."""
     from devft.reports import write_report
 
     if global_model is None:
         global_model = GlobalModel(config, build_federated_data(config.data).test)
     directory = RunDirectory(run_dir)
     with locked(directory.path):
-        strategy = DevFTStrategy(config, directory, global_model, resume=resume, on_round=on_round)
+        strategy = DevFTStrategy(config, directory, global_model, resume=resume, on_round=on_round, stop=stop)
         strategy.start(grid=grid)
         report = write_report(directory.path)
     log(INFO, "[devft] run directory: %s", directory.path)
@@ -92,13 +95,14 @@ def build_server_app(
     resume: bool = False,
     on_round: Iterable[RoundCallback] = (),
     global_model: GlobalModel | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to an already resolved config (what ``devft simulate`` runs)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, config, run_dir, resume=resume, on_round=on_round, global_model=global_model)
+        run_server(grid, config, run_dir, resume=resume, on_round=on_round, global_model=global_model, stop=stop)
 
     return server_app
 

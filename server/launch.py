@@ -14,6 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +131,29 @@ class _RoundBar:
         )
 
 
+@contextmanager
+def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
+    """While inside, the first Ctrl-C (SIGINT) sets ``stop`` (the run ends after the round in progress, its
+    checkpoint written) and the second interrupts at once, as Python does. In a thread other than the main one
+    (where Python delivers signals) nothing changes. Without this, Ctrl-C did not stop a simulation at all:
+    Flower's server thread ran every remaining round."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum: int, frame: Any) -> None:
+        stop.set()
+        log.warning("Ctrl-C: stopping after the round in progress (its checkpoint is kept; --resume continues); "
+                    "Ctrl-C again to stop at once")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    before = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def simulate(
     config: RunConfig,
     out_dir: Path,
@@ -158,8 +185,9 @@ def simulate(
         supernodes = num_supernodes or config.data.num_clients
         done = len(directory.read_metrics()) if resume else 0
         bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
+        stop = threading.Event()
         server_app = build_server_app(
-            config, directory.path, resume=resume, on_round=[bar] if bar else [], global_model=global_model
+            config, directory.path, resume=resume, on_round=[bar] if bar else [], global_model=global_model, stop=stop
         )
         log.info("simulating %d clients (%d per round) into %s", supernodes, config.federation.clients_per_round, directory.path)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning; CPU-only
@@ -174,12 +202,13 @@ def simulate(
         if bar is not None:
             bar.progress.start()
         try:
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=supernodes,
-                backend_config=backend_config(config),
-            )
+            with stop_on_interrupt(stop):
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=supernodes,
+                    backend_config=backend_config(config),
+                )
         finally:
             torch.set_num_threads(threads)
             flwr_logger.propagate = propagate

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -66,6 +67,17 @@ CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RunStopped(Exception):  # noqa: N818 - a request honoured, not an error
+    """The run stopped on request (Ctrl-C) after a completed round; its checkpoint is where ``--resume``
+    picks up."""
+
+    def __init__(self, after_round: int, total_rounds: int) -> None:
+        super().__init__(f"stopped on request after round {after_round} of {total_rounds}; its checkpoint is kept: "
+                         "run the same command with --resume to continue")
+        self.after_round = after_round
+        self.total_rounds = total_rounds
 
 
 def number(row: Mapping[str, Any], key: str) -> float:
@@ -184,6 +196,9 @@ class DevFTStrategy(Strategy):
         Continue from the checkpoint in ``run_dir`` instead of starting at round 1.
     on_round:
         Called with each round's metrics row once it is written (progress bars, logs).
+    stop:
+        When set (``devft simulate`` sets it on Ctrl-C), the run ends after the round in progress, with its
+        row and checkpoint written, by raising :class:`RunStopped`.
     """
 
     def __init__(
@@ -193,8 +208,10 @@ class DevFTStrategy(Strategy):
         global_model: GlobalModel,
         resume: bool = False,
         on_round: Iterable[RoundCallback] = (),
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self.stop = stop
         self.fed = config.federation
         self.run_dir = run_dir
         self.model = global_model
@@ -496,6 +513,10 @@ class DevFTStrategy(Strategy):
                 extra = evaluate_fn(server_round, ArrayRecord(dict(state.full_lora)))
                 if extra is not None:
                     result.evaluate_metrics_serverapp.setdefault(server_round, MetricRecord()).update(extra)
+            if self.stop is not None and self.stop.is_set() and server_round < self.schedule.total_rounds:
+                log.warning("stopping on request after round %d of %d (checkpoint kept; --resume continues)",
+                            server_round, self.schedule.total_rounds)
+                raise RunStopped(server_round, self.schedule.total_rounds)
         self._finish(rows)
         result.arrays = ArrayRecord(dict(self._require_state().full_lora))
         return result
