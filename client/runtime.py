@@ -44,7 +44,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _configs: dict[str, RunConfig] = {}
 _bases: dict[tuple[str, str], LoadedModel] = {}
 _data: dict[str, FederatedData] = {}
-_stage: dict[str, Any] = {}  # the one current submodel: {"key": ..., "model": PeftModel, "plan": GrowthPlan}
+# the current stage's submodels, one per LoRA rank in use (one, unless lora.client_ranks):
+# key → (model, plan, the plan's JSON)
+_stage: dict[str, tuple[PeftModel, GrowthPlan, str]] = {}
 
 
 def load_run_config(record: Mapping[str, Any]) -> RunConfig:
@@ -168,14 +170,18 @@ def stage_model(config: RunConfig, plan_json: str, rank: int | None = None
     base = base_model(config)
     lora = config.lora.with_rank(config.lora.r if rank is None else rank)
     key = hashlib.sha256((plan_json + repr(lora) + config.federation.aggregation).encode()).hexdigest()
-    if _stage.get("key") != key:
-        _stage.clear()
+    if key not in _stage:
+        # a process serving clients of several ranks (and evaluating at lora.r) keeps one model per rank of
+        # this stage, rather than rebuilding at every change of rank; any other change starts afresh
+        ranks = len(set(config.lora.client_ranks) | {config.lora.r})
+        if len(_stage) >= ranks or any(entry[2] != plan_json for entry in _stage.values()):
+            _stage.clear()
         plan = GrowthPlan.from_json(plan_json)
         submodel = build_submodel(base.model, plan)
-        model = attach_lora(submodel, lora, seed=config.federation.seed)
-        _stage.update(key=key, model=model, plan=plan)
-        log.info("stage %d: built %d-layer submodel", plan.stage, plan.capacity)
-    return _stage["model"], base.tokenizer, _stage["plan"]
+        _stage[key] = (attach_lora(submodel, lora, seed=config.federation.seed), plan, plan_json)
+        log.info("stage %d: built %d-layer submodel (LoRA rank %d)", plan.stage, plan.capacity, lora.r)
+    model, plan, _ = _stage[key]
+    return model, base.tokenizer, plan
 
 
 def received_rank(arrays: Mapping[str, torch.Tensor]) -> int | None:

@@ -25,10 +25,14 @@ def _eval_dict(result: EvalResult) -> dict:
 def run_central(config: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train one LoRA on all training partitions with ``config.train``; evaluate before and after.
 
+    One model, so ``lora.client_ranks`` does not apply: it trains at ``lora.r`` (and says so).
     Writes ``adapter/`` (peft format), ``central.json`` and ``config.json`` into ``out_dir`` and returns the summary.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.lora.client_ranks:
+        log.warning("lora.client_ranks=%s is for federated runs; centralised training uses lora.r=%d",
+                    list(config.lora.client_ranks), config.lora.r)
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[config.model.dtype]
     import torch
 

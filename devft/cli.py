@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,9 @@ def _ran_with(run_dir: Path, config, ignore: frozenset[str] = frozenset()) -> bo
 def _cmd_compare(args: argparse.Namespace) -> int:
     from devft.config import load_config, parse_overrides
     from devft.reports import write_comparison
-    from server.launch import simulate
+    from server.launch import simulate, stop_on_interrupt
     from server.run_dir import RunDirectory
-    from server.strategy import RESUME_MAY_CHANGE
+    from server.strategy import RESUME_MAY_CHANGE, RunStopped
 
     out = Path(args.out)
     overrides = parse_overrides(args.set or [])
@@ -57,22 +58,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"compare needs config files with distinct names, got {names}")
     run_dirs = []
-    for name, config in configs:
-        run_dir = out / name
-        directory = RunDirectory(run_dir)
-        finished = directory.summary.exists()
-        if args.reuse and finished:
-            if not _ran_with(run_dir, config):
-                raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these --set "
-                                 "overrides; drop --reuse to run it again, or use another --out")
-            print(f"reusing {run_dir}")
-        else:
-            # an interrupted run of this very config continues; a finished one (without --reuse) or one of
-            # another config runs afresh (the earlier one is set aside until the new one completes)
-            resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config, RESUME_MAY_CHANGE)
-            print(f"{'resuming the interrupted run in' if resume else 'running'} {run_dir}")
-            simulate(config, run_dir, resume=resume)
-        run_dirs.append(run_dir)
+    stop = threading.Event()  # one Ctrl-C ends the comparison after the round in progress, whichever run it is in
+    with stop_on_interrupt(stop):
+        for name, config in configs:
+            run_dir = out / name
+            directory = RunDirectory(run_dir)
+            finished = directory.summary.exists()
+            if args.reuse and finished:
+                if not _ran_with(run_dir, config):
+                    raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these "
+                                     "--set overrides; drop --reuse to run it again, or use another --out")
+                print(f"reusing {run_dir}")
+            else:
+                # an interrupted run of this very config continues; a finished one (without --reuse) or one of
+                # another config runs afresh (the earlier one is set aside until the new one completes)
+                resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config, RESUME_MAY_CHANGE)
+                print(f"{'resuming the interrupted run in' if resume else 'running'} {run_dir}")
+                simulate(config, run_dir, resume=resume, stop=stop)
+            run_dirs.append(run_dir)
+            if stop.is_set() and len(run_dirs) < len(configs):  # the Ctrl-C came in a run's last round
+                raise RunStopped(f"stopped on request after {name} completed; the same command with --reuse "
+                                 "continues with the other configs")
     table = write_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss)
     print(table.read_text())
     print(f"comparison: {table}")
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, RunStopped):
             raise
         print(f"devft: {err}", file=sys.stderr)
-        return 130  # as a shell reports a program that Ctrl-C ended
+        return 130  # INTERRUPTED: as a shell reports a program that Ctrl-C ended
 
 
 if __name__ == "__main__":

@@ -335,6 +335,7 @@ def to_flwr_run_config(config: RunConfig) -> str:
                 raise ValueError(f"{key}={value!r} has no TOML form")
             text = repr(value)
         else:
-            text = json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+            # a TOML basic string: JSON's escapes, plus DEL, which TOML wants escaped and JSON leaves as it is
+            text = json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
         lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"

@@ -11,10 +11,12 @@ environment ``ray start`` had). ``tests/server/test_ray_cluster.py`` checks the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,21 +133,36 @@ class _RoundBar:
         )
 
 
+INTERRUPTED = 130  # the exit status of a program Ctrl-C ended, as shells report it
+
+
 @contextmanager
 def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
-    """While inside, the first Ctrl-C (SIGINT) sets ``stop`` (the run ends after the round in progress, its
-    checkpoint written) and the second interrupts at once, as Python does. In a thread other than the main one
-    (where Python delivers signals) nothing changes. Without this, Ctrl-C did not stop a simulation at all:
-    Flower's server thread ran every remaining round."""
-    if threading.current_thread() is not threading.main_thread():
+    """While inside, the first Ctrl-C (SIGINT) sets ``stop``: the run ends after the round in progress, with its
+    row and checkpoint written. The second ends the process at once with status 130: the round in progress is
+    lost, the last completed round's checkpoint stays (rows and checkpoints are replaced atomically, the lock
+    goes with the process, and the Ray that ``ray.init`` started shares the process's fate). A plain
+    KeyboardInterrupt cannot do that: Flower's server thread would wait out ``federation.reply_timeout_s``
+    and go on. Nothing changes outside the main thread, or where SIGINT is ignored (a background job)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+            signal.SIG_IGN, None):
         yield
         return
+
+    def second(signum: int, frame: Any) -> None:
+        log.warning("second Ctrl-C: stopping now; the round in progress is lost, the checkpoint of the last "
+                    "completed round is kept (--resume continues from it)")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
 
     def first(signum: int, frame: Any) -> None:
         stop.set()
         log.warning("Ctrl-C: stopping after the round in progress (its checkpoint is kept; --resume continues); "
                     "Ctrl-C again to stop at once")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, second)
 
     before = signal.signal(signal.SIGINT, first)
     try:
@@ -160,11 +177,14 @@ def simulate(
     resume: bool = False,
     num_supernodes: int | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> Path:
     """Run ``config`` on the simulation engine with one virtual SuperNode per data partition.
 
     Writes the run directory of docs/design.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
     earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when a run there completes. ``num_supernodes`` defaults to ``data.num_clients``.
+    ``stop``: an event that ends the run after the round in progress (:class:`~server.strategy.RunStopped`); by
+    default Ctrl-C sets one (:func:`stop_on_interrupt`); a caller that passes its own handles the signal.
     """
     from flwr.simulation import run_simulation
 
@@ -185,7 +205,8 @@ def simulate(
         supernodes = num_supernodes or config.data.num_clients
         done = len(directory.read_metrics()) if resume else 0
         bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
-        stop = threading.Event()
+        own_stop = stop is None
+        stop = threading.Event() if stop is None else stop
         server_app = build_server_app(
             config, directory.path, resume=resume, on_round=[bar] if bar else [], global_model=global_model, stop=stop
         )
@@ -202,7 +223,7 @@ def simulate(
         if bar is not None:
             bar.progress.start()
         try:
-            with stop_on_interrupt(stop):
+            with stop_on_interrupt(stop) if own_stop else contextlib.nullcontext():
                 run_simulation(
                     server_app=server_app,
                     client_app=client_app,

@@ -73,11 +73,15 @@ class RunStopped(Exception):  # noqa: N818 - a request honoured, not an error
     """The run stopped on request (Ctrl-C) after a completed round; its checkpoint is where ``--resume``
     picks up."""
 
-    def __init__(self, after_round: int, total_rounds: int) -> None:
-        super().__init__(f"stopped on request after round {after_round} of {total_rounds}; its checkpoint is kept: "
-                         "run the same command with --resume to continue")
-        self.after_round = after_round
-        self.total_rounds = total_rounds
+    after_round: int | None = None
+    total_rounds: int | None = None
+
+    @classmethod
+    def after(cls, after_round: int, total_rounds: int) -> RunStopped:
+        stopped = cls(f"stopped on request after round {after_round} of {total_rounds}; its checkpoint is kept: "
+                      "run the same command with --resume to continue")
+        stopped.after_round, stopped.total_rounds = after_round, total_rounds
+        return stopped
 
 
 def number(row: Mapping[str, Any], key: str) -> float:
@@ -516,7 +520,7 @@ class DevFTStrategy(Strategy):
             if self.stop is not None and self.stop.is_set() and server_round < self.schedule.total_rounds:
                 log.warning("stopping on request after round %d of %d (checkpoint kept; --resume continues)",
                             server_round, self.schedule.total_rounds)
-                raise RunStopped(server_round, self.schedule.total_rounds)
+                raise RunStopped.after(server_round, self.schedule.total_rounds)
         self._finish(rows)
         result.arrays = ArrayRecord(dict(self._require_state().full_lora))
         return result
@@ -695,7 +699,7 @@ class DevFTStrategy(Strategy):
 
         train_s, flops, rss = values("train-s"), values("train-flops"), values("peak-rss-mb")
         total = sum(u.num_examples for u in ok)
-        return {
+        row = {
             "round": server_round,
             "stage": stage,
             "submodel_layers": layers,
@@ -729,8 +733,9 @@ class DevFTStrategy(Strategy):
             "num_examples": total,
             **evaluation,
             **r.client_eval,
-            **r.rule_info,
         }
+        row.update({k: v for k, v in r.rule_info.items() if k not in row})  # a rule's diagnostic never hides a field
+        return row
 
     def _finish(self, rows: list[dict[str, Any]]) -> None:
         """Save the adapter and write summary.json."""

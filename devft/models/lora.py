@@ -41,7 +41,7 @@ class LoraSettings:
             raise ValueError(f"lora.r must be a positive integer, got r={self.r!r}")
         self.r = int(self.r)
         if isinstance(self.client_ranks, str | bytes) or any(
-                isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or v <= 0
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or int(v) != v or v <= 0
                 for v in self.client_ranks):
             raise ValueError(f"lora.client_ranks must be a list of positive integers, got "
                              f"client_ranks={self.client_ranks!r}")

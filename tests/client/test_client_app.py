@@ -215,3 +215,24 @@ def test_a_crash_while_saving_leaves_the_previous_personal_state_readable(monkey
         assert torch.all(_some_b(runtime.load_personal("run2", 0, before)) == 1)
     runtime.save_personal("run2", 0, 2, _personal(2.0))  # the repeated round overwrites nothing it needs
     assert torch.all(_some_b(runtime.load_personal("run2", 0, 3)) == 2)
+
+
+def test_a_process_keeps_one_submodel_per_rank_of_the_stage():
+    from client.runtime import clear_process_caches, stage_model
+
+    clear_process_caches()
+    config = load_config(SMOKE, {"lora.client_ranks": "2,4", "federation.aggregation": "flora",
+                                 "federation.method": "fedit"})
+    plan, _ = _stage0(config)
+    first, _, _ = stage_model(config, plan.to_json(), rank=2)
+    second, _, _ = stage_model(config, plan.to_json(), rank=4)
+    assert {t.shape[0] for k, t in lora_state(first).items() if "lora_A" in k} == {2}
+    assert {t.shape[0] for k, t in lora_state(second).items() if "lora_A" in k} == {4}
+    assert stage_model(config, plan.to_json(), rank=2)[0] is first  # no rebuild when the rank comes back
+    assert stage_model(config, plan.to_json(), rank=4)[0] is second
+    other = dataclasses.replace(plan, beta=0.2)  # a new plan (a new stage): everything is built afresh
+    assert stage_model(config, other.to_json(), rank=2)[0] is not first
+    from client.runtime import _stage
+
+    assert len(_stage) == 1  # the last stage's models are dropped, not kept beside the new ones
+    clear_process_caches()

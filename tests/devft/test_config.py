@@ -88,3 +88,15 @@ def test_extends_must_name_a_file_and_a_config_must_be_one(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_config(tmp_path)
+
+
+def test_the_flwr_run_config_file_keeps_any_string_and_number():
+    import tomllib
+
+    from devft.config import config_from_flat, flatten, load_config, to_flwr_run_config
+
+    config = load_config(None, {"model.name": 'odd "name" \\ é\x7f\ttab', "train.lr": "1e-05",
+                                "lora.targets": "q_proj,v_proj", "growth.capacities": ""})
+    back = config_from_flat(flatten(tomllib.loads(to_flwr_run_config(config))))
+    assert back == config
+    assert back.model.name == 'odd "name" \\ é\x7f\ttab' and back.train.lr == 1e-05

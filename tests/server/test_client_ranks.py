@@ -34,9 +34,9 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(config, out):
+def _run(config, out, fresh=True):
     after = {}
-    grid = run_recorded(config, out, fresh=True, on_round=[lambda row: after.setdefault(
+    grid = run_recorded(config, out, fresh=fresh, on_round=[lambda row: after.setdefault(
         row["round"], load_checkpoint(out / "checkpoint"))])
     return grid, after
 
@@ -82,7 +82,8 @@ def test_svd_sends_each_client_the_global_adapters_at_its_rank(smoke_config, pri
     config = smoke_config(federation__aggregation="svd", federation__clients_per_round=4,
                           federation__client_eval=True, lora__client_ranks=RANKS)
     rule = get_rule("svd", alpha=config.lora.alpha)
-    grid, after = _run(config, tmp_path / "run")
+    # one process serves every partition, as a simulation's actor does: a model per rank, reused
+    grid, after = _run(config, tmp_path / "run", fresh=False)
 
     table = _rows(tmp_path / "run")
     assert [(r["submodel_layers"], r["clients_ok"], r["clients_failed"]) for r in table] == [
@@ -128,7 +129,7 @@ def test_svd_refuses_a_client_rank_above_the_servers(smoke_config):
         check_run(smoke_config(federation__aggregation="svd", lora__client_ranks=[2, 8]))
 
 
-@pytest.mark.parametrize("value", ["2,0", "2,x", [2, -1], [True], [2.5]])
+@pytest.mark.parametrize("value", ["2,0", "2,x", [2, -1], [True], [2.5], [float("inf")]])
 def test_client_ranks_must_be_positive_integers(value, smoke_config):
     with pytest.raises(ValueError, match=r"lora.client_ranks"):
         smoke_config(lora__client_ranks=value)

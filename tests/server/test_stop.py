@@ -49,34 +49,70 @@ def test_a_stop_during_the_last_round_lets_the_run_finish(smoke_config, private_
     assert (out / "summary.json").exists()  # nothing left to resume: the run completes as usual
 
 
-def test_first_ctrl_c_sets_the_stop_and_the_second_interrupts():
+_CTRL_C_TWICE = """
+import os, signal, sys, threading, time
+from server.launch import stop_on_interrupt
+stop = threading.Event()
+with stop_on_interrupt(stop):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("stop set" if stop.is_set() else "stop not set", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("still running", flush=True)
+"""
+
+
+def test_first_ctrl_c_sets_the_stop_and_the_second_ends_the_process_at_once():
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_TWICE], capture_output=True, text=True, timeout=60,
+                          cwd=str(SMOKE.parents[2]))
+    assert done.returncode == 130 and done.stdout.splitlines() == ["stop set"], (done.stdout, done.stderr[-1000:])
+    assert "second Ctrl-C: stopping now" in done.stderr
+
+
+def test_ctrl_c_handling_leaves_an_ignored_sigint_and_restores_the_handler():
     from server.launch import stop_on_interrupt
 
-    stop, before = threading.Event(), signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with stop_on_interrupt(stop):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # the handler runs in this (the main) thread between bytecodes
-            assert stop.is_set()
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_interrupt(threading.Event()):
+        assert signal.getsignal(signal.SIGINT) is not before
     assert signal.getsignal(signal.SIGINT) is before  # restored on the way out
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C is not meant for it
+    try:
+        with stop_on_interrupt(threading.Event()):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _start(private_env, out, *extra):
+    cmd = [sys.executable, "-m", "devft.cli", "simulate", str(SMOKE), "--out", str(out),
+           "--set", "federation.num_rounds=8", *extra]
+    # its own process group, as a terminal's foreground job: Ctrl-C reaches every process in it (Ray's too)
+    proc = subprocess.Popen(cmd, env={**os.environ, **private_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(SMOKE.parents[2]), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
+        time.sleep(0.2)
+    return cmd, proc
+
+
+def _ray_processes(private_env) -> list[str]:
+    """Processes of the Ray this test's runs started (their command lines name its private RAY_TMPDIR)."""
+    found = subprocess.run(["pgrep", "-af", private_env["RAY_TMPDIR"]], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_devft_simulate_and_resume_continues(private_env, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "devft.cli", "simulate", str(SMOKE), "--out", str(out),
-           "--set", "federation.num_rounds=8"]
-    env = {**os.environ, **private_env}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(SMOKE.parents[2]))
+def test_ctrl_c_stops_devft_simulate_after_the_round_and_twice_at_once(private_env, tmp_path):
+    from server.checkpoint import load_checkpoint
+
+    # once: the round in progress finishes, is written, and the run ends with status 130
+    out = tmp_path / "once"
+    cmd, proc = _start(private_env, out)
     try:
-        deadline = time.monotonic() + 300
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=180)
     finally:
         proc.kill()
@@ -84,7 +120,24 @@ def test_ctrl_c_stops_devft_simulate_and_resume_continues(private_env, tmp_path)
     assert "stopped on request after round" in err and "--resume" in err
     done = len(_rows(out))
     assert 1 <= done < 8 and not (out / "summary.json").exists()
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600,
-                             cwd=str(SMOKE.parents[2]))
+    assert load_checkpoint(out / "checkpoint")["round"] == done
+    resumed = subprocess.run(cmd + ["--resume"], env={**os.environ, **private_env}, capture_output=True,
+                             text=True, timeout=600, cwd=str(SMOKE.parents[2]))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["round"] for r in _rows(out)] == list(range(1, 9))
+
+    # twice, in a slow round: the process ends within seconds, without that round; rows and checkpoint agree
+    out = tmp_path / "twice"
+    cmd, proc = _start(private_env, out, "--set", "train.max_steps=150")
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "second Ctrl-C: stopping now" in err, err[-2000:]
+    done = len(_rows(out))
+    assert load_checkpoint(out / "checkpoint")["round"] == done < 8
+    time.sleep(3)
+    assert _ray_processes(private_env) == []  # Ray went with the process
