@@ -160,7 +160,7 @@ def test_compare_runs_finished_runs_again_and_resumes_interrupted_ones_of_the_sa
     if same_config == "garbage":
         (out / SMOKE.stem / "config.json").write_bytes(b"\xff\xfe not utf-8")
     calls = []
-    monkeypatch.setattr(server.launch, "simulate", lambda config, run_dir, resume: calls.append(resume))
+    monkeypatch.setattr(server.launch, "simulate", lambda config, run_dir, resume, stop: calls.append(resume))
     table = tmp_path / "comparison.md"
     table.write_text("table")
     monkeypatch.setattr(devft.reports, "write_comparison", lambda *a, **k: table)
@@ -168,6 +168,26 @@ def test_compare_runs_finished_runs_again_and_resumes_interrupted_ones_of_the_sa
     assert calls == [resumed]
     said = capsys.readouterr().out
     assert ("resuming the interrupted run in" in said) == resumed and "reusing" not in said
+
+
+def test_ctrl_c_in_the_last_round_of_a_compared_run_stops_the_comparison(smoke_config, private_env, tmp_path,
+                                                                        monkeypatch, capsys):
+    import server.launch
+    from devft.cli import main
+
+    ran = []
+
+    def simulate(config, run_dir, resume, stop):  # the first run completes, with Ctrl-C in its last round
+        fake_run(run_dir)
+        ran.append(run_dir.name)
+        stop.set()
+
+    monkeypatch.setattr(server.launch, "simulate", simulate)
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n[lora]\nr = 2\n')
+    assert main(["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp")]) == 130
+    assert ran == [SMOKE.stem]  # the second config never started
+    assert "stopped on request after smoke completed; the same command with --reuse" in capsys.readouterr().err
 
 
 def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, private_env, tmp_path, capsys):
@@ -206,8 +226,10 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke
         from devft.cli import main
 
         assert main(["simulate", str(SMOKE), "--out", str(out)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("devft: error: run directory") and f"pid {holder.pid} on" in err and "\n" not in err
+        err = capsys.readouterr().err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("devft:")]
+        assert line.startswith("devft: error: run directory") and f"pid {holder.pid} on" in line
+        assert "Traceback" not in err
     finally:
         holder.kill()
         holder.wait()
