@@ -217,22 +217,17 @@ def test_a_crash_while_saving_leaves_the_previous_personal_state_readable(monkey
     assert torch.all(_some_b(runtime.load_personal("run2", 0, 3)) == 2)
 
 
-def test_a_process_keeps_one_submodel_per_rank_of_the_stage():
-    from client.runtime import clear_process_caches, stage_model
+def test_a_process_holds_one_submodel_at_a_time_and_rebuilds_at_another_rank():
+    from client.runtime import _stage, clear_process_caches, stage_model
 
     clear_process_caches()
     config = load_config(SMOKE, {"lora.client_ranks": "2,4", "federation.aggregation": "flora",
                                  "federation.method": "fedit"})
     plan, _ = _stage0(config)
     first, _, _ = stage_model(config, plan.to_json(), rank=2)
+    assert stage_model(config, plan.to_json(), rank=2)[0] is first  # the same rank: the same model
     second, _, _ = stage_model(config, plan.to_json(), rank=4)
     assert {t.shape[0] for k, t in lora_state(first).items() if "lora_A" in k} == {2}
     assert {t.shape[0] for k, t in lora_state(second).items() if "lora_A" in k} == {4}
-    assert stage_model(config, plan.to_json(), rank=2)[0] is first  # no rebuild when the rank comes back
-    assert stage_model(config, plan.to_json(), rank=4)[0] is second
-    other = dataclasses.replace(plan, beta=0.2)  # a new plan (a new stage): everything is built afresh
-    assert stage_model(config, other.to_json(), rank=2)[0] is not first
-    from client.runtime import _stage
-
-    assert len(_stage) == 1  # the last stage's models are dropped, not kept beside the new ones
+    assert len(_stage) == 1  # the rank-2 model was dropped (keeping it cost 0.65 GB of peak RSS on SmolLM2)
     clear_process_caches()
