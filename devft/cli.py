@@ -245,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"devft: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from server.launch import INTERRUPTED
         from server.strategy import RunStopped
 
         if not isinstance(err, RunStopped):
             raise
         print(f"devft: {err}", file=sys.stderr)
-        return 130  # INTERRUPTED: as a shell reports a program that Ctrl-C ended
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
