@@ -44,29 +44,59 @@ def _ran_with(run_dir: Path, config, ignore: frozenset[str] = frozenset()) -> bo
     return readable and not set(changed_keys(flatten_config_dict(saved), config)) - ignore
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+SEED_KEYS = ("federation.seed", "train.seed")  # what `compare --seeds` varies unless --seed-key says otherwise
+
+
+def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, object]]:
+    """``(name, seed, config)`` for every run of the comparison, all validated before any runs: one per
+    config without ``--seeds``, else one per seed and config, seed by seed (so an interrupted comparison
+    holds complete seeds)."""
     from devft.config import load_config, parse_overrides
-    from devft.reports import write_comparison
+
+    overrides = parse_overrides(args.set or [])
+    names = [Path(p).stem for p in args.configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare needs config files with distinct names, got {names}")
+    if args.seeds is None:
+        if args.seed_key:
+            raise ValueError("--seed-key names what --seeds varies; give --seeds too")
+        return [(name, None, load_config(p, overrides)) for name, p in zip(names, args.configs)]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
+    keys = tuple(args.seed_key or SEED_KEYS)
+    clash = sorted(set(keys) & set(overrides))
+    if clash:
+        raise ValueError(f"--set {clash[0]}={overrides[clash[0]]} conflicts with --seeds, which sets {clash[0]} "
+                         "per run; drop one of them")
+    runs = [(name, seed, load_config(p, {**overrides, **dict.fromkeys(keys, seed)}))
+            for seed in args.seeds for name, p in zip(names, args.configs)]
+    for key in keys:  # a key that is not an integer seed would be set to the seed all the same: refuse it
+        section, _, field = key.partition(".")
+        value = getattr(getattr(runs[0][2], section), field)
+        if not field.endswith("seed") or isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--seed-key {key!r} is not a seed (an integer key named *seed)")
+    return runs
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from devft.reports import write_comparison, write_seed_comparison
     from server.launch import simulate, stop_on_interrupt
     from server.run_dir import RunDirectory
     from server.strategy import RESUME_MAY_CHANGE, RunStopped
 
     out = Path(args.out)
-    overrides = parse_overrides(args.set or [])
-    configs = [(Path(p).stem, load_config(p, overrides)) for p in args.configs]  # validate all before running any
-    names = [name for name, _ in configs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"compare needs config files with distinct names, got {names}")
-    run_dirs = []
+    runs = _seeded_configs(args)
+    run_dirs: dict[str, dict[int | None, Path]] = {}
     stop = threading.Event()  # one Ctrl-C ends the comparison after the round in progress, whichever run it is in
     with stop_on_interrupt(stop):
-        for name, config in configs:
-            run_dir = out / name
+        for i, (name, seed, config) in enumerate(runs):
+            run_dir = out / name if seed is None else out / name / f"seed-{seed}"
+            label = name if seed is None else f"{name} seed {seed}"
             directory = RunDirectory(run_dir)
             finished = directory.summary.exists()
             if args.reuse and finished:
                 if not _ran_with(run_dir, config):
-                    raise ValueError(f"--reuse: {run_dir} was run with another config than {name} with these "
+                    raise ValueError(f"--reuse: {run_dir} was run with another config than {label} with these "
                                      "--set overrides; drop --reuse to run it again, or use another --out")
                 print(f"reusing {run_dir}")
             else:
@@ -75,11 +105,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 resume = not finished and directory.has_checkpoint() and _ran_with(run_dir, config, RESUME_MAY_CHANGE)
                 print(f"{'resuming the interrupted run in' if resume else 'running'} {run_dir}")
                 simulate(config, run_dir, resume=resume, stop=stop)
-            run_dirs.append(run_dir)
-            if stop.is_set() and len(run_dirs) < len(configs):  # the Ctrl-C came in a run's last round
-                raise RunStopped(f"stopped on request after {name} completed; the same command with --reuse "
-                                 "continues with the other configs")
-    table = write_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss)
+            run_dirs.setdefault(name, {})[seed] = run_dir
+            if stop.is_set() and i + 1 < len(runs):  # the Ctrl-C came in a run's last round
+                raise RunStopped(f"stopped on request after {label} completed; the same command with --reuse "
+                                 "continues with the other runs")
+    if args.seeds is None:
+        table = write_comparison([d for group in run_dirs.values() for d in group.values()], out,
+                                 target_eval_loss=args.target_eval_loss)
+    else:
+        table = write_seed_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss,
+                                      seed_keys=args.seed_key or SEED_KEYS)
     print(table.read_text())
     print(f"comparison: {table}")
     return 0
@@ -198,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs already in --out (refused if their config differs); without it, "
                         "finished runs are run again and interrupted runs of the same config resumed")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run every config once per seed (into OUT/CONFIG/seed-S) and report the spread over "
+                        "seeds and each config's paired difference from the first config")
+    p.add_argument("--seed-key", action="append", metavar="KEY",
+                   help=f"a seed key --seeds sets, repeatable (default: {' and '.join(SEED_KEYS)}: sampling, "
+                        "LoRA initialisation, data order; the data and its partition stay the same)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="centralised LoRA training on all clients' data (upper bound)")

@@ -1,6 +1,6 @@
-"""Run reports: report.md and plots of one run, comparison tables and plots of several."""
+"""Run reports: report.md and plots of one run, comparison tables and plots of several (over seeds too)."""
 
-from devft.reports.report import write_comparison, write_report
+from devft.reports.report import write_comparison, write_report, write_seed_comparison
 from devft.reports.runs import RunRecords, cost_to_target, read_run
 
-__all__ = ["RunRecords", "cost_to_target", "read_run", "write_comparison", "write_report"]
+__all__ = ["RunRecords", "cost_to_target", "read_run", "write_comparison", "write_report", "write_seed_comparison"]

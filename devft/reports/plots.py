@@ -51,27 +51,64 @@ def plot_run(run: RunRecords, out_dir: Path) -> list[Path]:
     return written
 
 
-def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
-    """Eval loss against round, cumulative client compute and cumulative bytes, one line per run."""
+_COMPARISON_AXES = (
+    ("round", "round", lambda r: [float(x["round"]) for x in r.rounds]),
+    ("client_flops", "cumulative client training FLOPs", lambda r: r.cumulative("train_flops")),
+    ("client_seconds", "cumulative client training seconds", lambda r: r.cumulative("client_train_s_sum")),
+    ("bytes", "cumulative bytes (up + down, MiB)", lambda r: [
+        (u + d) / 2**20 for u, d in zip(r.cumulative("bytes_up"), r.cumulative("bytes_down"))
+    ]),
+)
+
+
+def _eval_points(run: RunRecords, xfun) -> dict[int, tuple[float, float]]:
+    """``{round: (x, eval loss)}`` over the rounds where the full model was evaluated."""
+    xs = xfun(run)
+    return {int(row["round"]): (xs[i], float(row["eval_loss"])) for i, row in enumerate(run.rounds)
+            if row.get("eval_loss") is not None}
+
+
+def _comparison_figures(draw, out_dir: Path, note: str = "") -> list[Path]:
+    """One figure per x axis of :data:`_COMPARISON_AXES`; ``draw(ax, xfun)`` plots the lines."""
     written = []
-    axes_spec = (
-        ("round", "round", lambda r: [int(x["round"]) for x in r.rounds]),
-        ("client_flops", "cumulative client training FLOPs", lambda r: r.cumulative("train_flops")),
-        ("client_seconds", "cumulative client training seconds", lambda r: r.cumulative("client_train_s_sum")),
-        ("bytes", "cumulative bytes (up + down, MiB)", lambda r: [
-            (u + d) / 2**20 for u, d in zip(r.cumulative("bytes_up"), r.cumulative("bytes_down"))
-        ]),
-    )
-    for name, xlabel, xfun in axes_spec:
+    for name, xlabel, xfun in _COMPARISON_AXES:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for run in runs:
-            xs_all = xfun(run)
-            pts = [(xs_all[i], float(row["eval_loss"])) for i, row in enumerate(run.rounds) if row.get("eval_loss") is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=run.label, markersize=3)
+        draw(ax, xfun)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full-model eval loss")
         ax.legend()
-        ax.set_title(f"eval loss vs {xlabel}")
+        ax.set_title(f"eval loss vs {xlabel}{note}")
         written.append(_save(fig, out_dir / f"eval_loss_vs_{name}.png"))
     return written
+
+
+def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
+    """Eval loss against round, cumulative client compute and cumulative bytes, one line per run."""
+
+    def draw(ax, xfun):
+        for run in runs:
+            pts = sorted(_eval_points(run, xfun).values())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=run.label, markersize=3)
+
+    return _comparison_figures(draw, out_dir)
+
+
+def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path) -> list[Path]:
+    """The same figures over several seeds of each config: per config, the mean eval loss over its seeds at
+    each evaluated round (x: the mean over seeds too) and a band from the lowest to the highest seed. Only
+    rounds that every seed evaluated are drawn."""
+
+    def draw(ax, xfun):
+        for name, runs in groups.items():
+            points = [_eval_points(run, xfun) for run in runs]
+            rounds = sorted(set.intersection(*(set(p) for p in points))) if points else []
+            if not rounds:
+                continue
+            xs = [sum(p[r][0] for p in points) / len(points) for r in rounds]
+            ys = [[p[r][1] for p in points] for r in rounds]
+            line, = ax.plot(xs, [sum(y) / len(y) for y in ys], "-o", markersize=3,
+                            label=f"{name} (mean of {len(runs)})")
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+
+    return _comparison_figures(draw, out_dir, note=" (bands: lowest to highest seed)")

@@ -301,3 +301,61 @@ def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env,
     assert f"config: {run / 'config.json'}" in captured.err
     result = json.loads(captured.out)
     assert result["num_examples"] == 3 and result["eval_accuracy"] is None
+
+
+def test_compare_with_seeds_runs_every_config_once_per_seed_seed_by_seed(smoke_config, private_env, tmp_path,
+                                                                          monkeypatch, capsys):
+    import devft.reports
+    import server.launch
+    from devft.cli import main
+
+    ran = []
+
+    def simulate(config, run_dir, resume, stop):
+        ran.append((run_dir.relative_to(tmp_path / "cmp").as_posix(), config.federation.seed, config.train.seed,
+                    config.data.seed, config.lora.r))
+        fake_run(run_dir)
+
+    seen = {}
+
+    def write_seed_comparison(groups, out, **kwargs):
+        seen.update(groups=groups, **kwargs)
+        (tmp_path / "table.md").write_text("table")
+        return tmp_path / "table.md"
+
+    monkeypatch.setattr(server.launch, "simulate", simulate)
+    monkeypatch.setattr(devft.reports, "write_seed_comparison", write_seed_comparison)
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n[lora]\nr = 2\n')
+    assert main(["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp"), "--seeds", "3", "5"]) == 0
+    # seed by seed; federation.seed and train.seed follow the seed, data.seed and the configs' own keys do not
+    assert ran == [("smoke/seed-3", 3, 3, 0, 4), ("other/seed-3", 3, 3, 0, 2),
+                   ("smoke/seed-5", 5, 5, 0, 4), ("other/seed-5", 5, 5, 0, 2)]
+    assert seen["groups"] == {"smoke": {3: tmp_path / "cmp/smoke/seed-3", 5: tmp_path / "cmp/smoke/seed-5"},
+                              "other": {3: tmp_path / "cmp/other/seed-3", 5: tmp_path / "cmp/other/seed-5"}}
+    assert tuple(seen["seed_keys"]) == ("federation.seed", "train.seed")
+
+    ran.clear()
+    assert main(["compare", str(SMOKE), "--out", str(tmp_path / "cmp"), "--seeds", "1", "--seed-key", "data.seed"]) == 0
+    assert ran == [("smoke/seed-1", 0, 0, 1, 4)] and seen["seed_keys"] == ["data.seed"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seeds", "1", "1"], r"--seeds must be distinct integers >= 0, got \[1, 1\]"),
+    (["--seeds", "-1"], r"--seeds must be distinct integers >= 0"),
+    (["--seeds", "1", "--set", "train.seed=4"], r"--set train.seed=4 conflicts with --seeds"),
+    (["--seeds", "1", "--seed-key", "lora.r"], r"--seed-key 'lora.r' is not a seed"),
+    (["--seeds", "1", "--seed-key", "data.nonsense"], r"data.nonsense"),
+    (["--seed-key", "data.seed"], r"--seed-key names what --seeds varies; give --seeds too"),
+])
+def test_compare_refuses_bad_seed_options_before_anything_runs(smoke_config, private_env, tmp_path, monkeypatch,
+                                                               capsys, argv, match):
+    import re
+
+    import server.launch
+    from devft.cli import main
+
+    monkeypatch.setattr(server.launch, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    assert main(["compare", str(SMOKE), "--out", str(tmp_path / "cmp"), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "cmp").exists()
