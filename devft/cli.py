@@ -47,6 +47,20 @@ def _ran_with(run_dir: Path, config, ignore: frozenset[str] = frozenset()) -> bo
 SEED_KEYS = ("federation.seed", "train.seed")  # what `compare --seeds` varies unless --seed-key says otherwise
 
 
+def _refuse_the_other_layout(out: Path, names: list[str], seeded: bool) -> None:
+    """A config's directory under ``--out`` holds one run (a comparison without ``--seeds``) or one run per
+    seed below it (with): refuse to mix the two."""
+    from devft.metrics.rows import METRICS_FILE
+
+    for name in names:
+        if seeded and (out / name / METRICS_FILE).exists():
+            raise ValueError(f"{out / name} holds a run of a comparison without --seeds; give the comparison "
+                             "with --seeds another --out")
+        if not seeded and any((out / name).glob(f"seed-*/{METRICS_FILE}")):
+            raise ValueError(f"{out / name} holds the runs of a comparison with --seeds; give --seeds again, "
+                             "or another --out")
+
+
 def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, object]]:
     """``(name, seed, config)`` for every run of the comparison, all validated before any runs: one per
     config without ``--seeds``, else one per seed and config, seed by seed (so an interrupted comparison
@@ -60,6 +74,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     if args.seeds is None:
         if args.seed_key:
             raise ValueError("--seed-key names what --seeds varies; give --seeds too")
+        _refuse_the_other_layout(Path(args.out), names, seeded=False)
         return [(name, None, load_config(p, overrides)) for name, p in zip(names, args.configs)]
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
@@ -68,6 +83,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     if clash:
         raise ValueError(f"--set {clash[0]}={overrides[clash[0]]} conflicts with --seeds, which sets {clash[0]} "
                          "per run; drop one of them")
+    _refuse_the_other_layout(Path(args.out), names, seeded=True)
     runs = [(name, seed, load_config(p, {**overrides, **dict.fromkeys(keys, seed)}))
             for seed in args.seeds for name, p in zip(names, args.configs)]
     for key in keys:  # a key that is not an integer seed would be set to the seed all the same: refuse it
@@ -113,8 +129,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         table = write_comparison([d for group in run_dirs.values() for d in group.values()], out,
                                  target_eval_loss=args.target_eval_loss)
     else:
-        table = write_seed_comparison(run_dirs, out, target_eval_loss=args.target_eval_loss,
-                                      seed_keys=args.seed_key or SEED_KEYS)
+        table = write_seed_comparison(run_dirs, out, seed_keys=args.seed_key or SEED_KEYS,
+                                      target_eval_loss=args.target_eval_loss)
     print(table.read_text())
     print(f"comparison: {table}")
     return 0

@@ -87,7 +87,8 @@ def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
 
     def draw(ax, xfun):
         for run in runs:
-            pts = sorted(_eval_points(run, xfun).values())
+            by_round = _eval_points(run, xfun)
+            pts = [by_round[r] for r in sorted(by_round)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=run.label, markersize=3)
 

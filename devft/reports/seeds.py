@@ -1,8 +1,9 @@
 """Several seeds of each compared config: the spread of a figure over seeds, and paired differences.
 
-``devft compare --seeds`` runs every config once per seed. With the same seeds on both sides, two configs
-sample the same clients in the same order and start from the same LoRA initialisation, so the fair question
-is paired: per seed, how much lower is one config's final eval loss than the baseline's? The interval is a
+``devft compare --seeds`` runs every config once per seed. With the same seed, two configs sample the same
+clients in the same rounds and draw their LoRA initialisation and data order from the same seed (the same
+initial values when their LoRA shapes agree), so the fair question is paired: per seed, how much lower is
+one config's final eval loss than the baseline's? The interval is a
 Student t interval of the mean over seeds (95 %), which is honest about how few seeds there are: with three
 seeds its half-width is 2.5 standard deviations.
 """

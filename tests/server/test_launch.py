@@ -320,8 +320,7 @@ def test_compare_with_seeds_runs_every_config_once_per_seed_seed_by_seed(smoke_c
 
     def write_seed_comparison(groups, out, **kwargs):
         seen.update(groups=groups, **kwargs)
-        (tmp_path / "table.md").write_text("table")
-        return tmp_path / "table.md"
+        return fake_table(tmp_path)
 
     monkeypatch.setattr(server.launch, "simulate", simulate)
     monkeypatch.setattr(devft.reports, "write_seed_comparison", write_seed_comparison)
@@ -359,3 +358,53 @@ def test_compare_refuses_bad_seed_options_before_anything_runs(smoke_config, pri
     assert main(["compare", str(SMOKE), "--out", str(tmp_path / "cmp"), *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_an_interrupted_comparison_over_seeds_continues_with_reuse(smoke_config, private_env, tmp_path, monkeypatch,
+                                                                   capsys):
+    import server.launch
+    from devft.cli import main
+
+    ran = []
+
+    def simulate(config, run_dir, resume, stop):  # a real run's files, with Ctrl-C in the second run's last round
+        fake_run(run_dir)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config)))
+        ran.append(run_dir.relative_to(tmp_path / "cmp").as_posix())
+        if len(ran) == 2:
+            stop.set()
+
+    monkeypatch.setattr(server.launch, "simulate", simulate)
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n[lora]\nr = 2\n')
+    argv = ["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp"), "--seeds", "0", "1"]
+    assert main(argv) == 130
+    assert ran == ["smoke/seed-0", "other/seed-0"]  # seed 0 complete for both configs, seed 1 not begun
+    assert "stopped on request after other seed 0 completed" in capsys.readouterr().err
+    ran.clear()
+    assert main(argv + ["--reuse"]) == 0
+    assert ran == ["smoke/seed-1", "other/seed-1"]
+    said = capsys.readouterr().out
+    assert f"reusing {tmp_path / 'cmp/smoke/seed-0'}" in said and f"reusing {tmp_path / 'cmp/other/seed-0'}" in said
+    table = (tmp_path / "cmp" / "comparison.md").read_text()  # the real report over the four (result-less) runs
+    assert "| other | 2 | — | 0, 1 |" in table and "| other | 0 | — |" in table
+    assert all(f"| {name}/seed-{seed} |" in table for name in ("smoke", "other") for seed in (0, 1))
+
+
+def fake_table(tmp_path):
+    (tmp_path / "table.md").write_text("table")
+    return tmp_path / "table.md"
+
+
+def test_a_comparison_with_and_one_without_seeds_never_share_a_config_directory(smoke_config, private_env, tmp_path,
+                                                                               monkeypatch, capsys):
+    import server.launch
+    from devft.cli import main
+
+    monkeypatch.setattr(server.launch, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    fake_run(tmp_path / "plain" / SMOKE.stem)
+    assert main(["compare", str(SMOKE), "--out", str(tmp_path / "plain"), "--seeds", "0"]) == 2
+    assert "holds a run of a comparison without --seeds" in capsys.readouterr().err
+    fake_run(tmp_path / "seeded" / SMOKE.stem / "seed-0")
+    assert main(["compare", str(SMOKE), "--out", str(tmp_path / "seeded")]) == 2
+    assert "holds the runs of a comparison with --seeds; give --seeds again" in capsys.readouterr().err

@@ -42,6 +42,11 @@ def test_report_and_comparison_files(tmp_path):
     # default target = the worst final eval loss (1.4): devft reaches it in round 4, fedit in round 4
     assert "Target eval loss: 1.4" in table
     assert table.count("\n| devft |") == 1 and table.count("\n| fedit |") == 1
+    # runs inside the comparison's directory, as devft compare writes them, and through a link: the same labels
+    _write_run(tmp_path / "cmp" / "devft", "devft", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20])
+    (tmp_path / "cmp" / "fedit_link").symlink_to(tmp_path / "fedit")
+    table = write_comparison([tmp_path / "cmp" / "devft", tmp_path / "cmp" / "fedit_link"], tmp_path / "cmp").read_text()
+    assert table.count("\n| devft |") == 1 and table.count("\n| fedit_link |") == 1
     for name in ("round", "client_flops", "client_seconds", "bytes"):
         assert (tmp_path / "cmp" / "plots" / f"eval_loss_vs_{name}.png").exists()
 

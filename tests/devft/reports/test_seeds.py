@@ -55,10 +55,11 @@ def test_seed_comparison_tables_hold_the_spread_and_the_paired_differences(tmp_p
         "devft": _seeded(tmp_path, "devft", {0: [1.9, 1.40], 1: [2.0, 1.65], 2: [2.2, 1.45]}, up=2**18),
     }
     table = write_seed_comparison(groups, tmp_path / "cmp", seed_keys=("federation.seed", "train.seed")).read_text()
-    assert "with `federation.seed` and `train.seed` set to it" in table
+    assert ("with `federation.seed` and `train.seed` set to it; everything else, the data and its partition "
+            "included, is the same in every run") in table
     # fedit's finals 1.5, 1.7, 1.6: mean 1.6, sd 0.1; devft's 1.4, 1.65, 1.45: mean 1.5, sd 0.1323
-    assert "| fedit | 3 | 1.6000 ± 0.1000 [1.5000, 1.7000] |" in table
-    assert "| devft | 3 | 1.5000 ± 0.1323 [1.4000, 1.6500] |" in table
+    assert "| fedit | 3 | 1.6000 ± 0.1000 [1.5000, 1.7000] | none |" in table
+    assert "| devft | 3 | 1.5000 ± 0.1323 [1.4000, 1.6500] | none |" in table
     # paired: -0.1, -0.05, -0.15 → mean -0.1, sd 0.05, 95 % half-width 4.303 · 0.05 / √3 = 0.1242
     assert "## Paired by seed, against fedit" in table
     assert "| devft | 3 | -0.1000 ± 0.1242 | 0: -0.1000, 1: -0.0500, 2: -0.1500 | 3/3 | no | +0.000 ± 0.000 |" in table
@@ -75,9 +76,20 @@ def test_seed_comparison_tables_hold_the_spread_and_the_paired_differences(tmp_p
 
 def test_a_config_with_fewer_seeds_is_paired_on_the_seeds_it_has(tmp_path):
     groups = {"a": _seeded(tmp_path, "a", {0: [1.0], 1: [2.0]}), "b": _seeded(tmp_path, "b", {1: [1.5]})}
-    table = write_seed_comparison(groups, tmp_path / "cmp").read_text()
+    table = write_seed_comparison(groups, tmp_path / "cmp", seed_keys=("data.seed",)).read_text()
     assert "| b | 1 | -0.5000 | 1: -0.5000 | 1/1 | — |" in table  # one pair: no interval, no verdict
-    assert "| b | 1 | 1.5000 |" in table  # one seed: the value, no ± and no range
+    assert "| b | 1 | 1.5000 | none |" in table  # one seed: the value, no ± and no range
+    assert "with `data.seed` set to it; everything else is the same in every run" in table
+
+
+def test_a_seed_without_a_final_eval_loss_is_named_and_left_out_of_the_figures(tmp_path):
+    groups = {"a": _seeded(tmp_path, "a", {0: [1.0], 1: [2.0], 2: [3.0]}),
+              "b": _seeded(tmp_path, "b", {0: [0.5], 1: [1.5], 2: [2.5]})}
+    summary = groups["b"][1] / "summary.json"  # seed 1 of b diverged: its run ended without a final eval loss
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "final": {"eval_loss": None}}))
+    table = write_seed_comparison(groups, tmp_path / "cmp", seed_keys=("federation.seed",)).read_text()
+    assert "| b | 3 | 1.5000 ± 1.4142 [0.5000, 2.5000] | 1 |" in table
+    assert "| b | 2 | -0.5000 ± 0.0000 | 0: -0.5000, 2: -0.5000 | 2/2 | yes |" in table
 
 
 def test_the_band_plot_draws_only_rounds_every_seed_evaluated(tmp_path, monkeypatch):
@@ -103,4 +115,4 @@ def test_the_band_plot_draws_only_rounds_every_seed_evaluated(tmp_path, monkeypa
 
 def test_a_config_without_runs_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least one run per config"):
-        write_seed_comparison({"a": {}}, tmp_path)
+        write_seed_comparison({"a": {}}, tmp_path, seed_keys=("federation.seed",))
