@@ -76,7 +76,8 @@ def _comparison_figures(draw, out_dir: Path, note: str = "") -> list[Path]:
         draw(ax, xfun)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full-model eval loss")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # runs that never evaluated draw nothing
+            ax.legend()
         ax.set_title(f"eval loss vs {xlabel}{note}")
         written.append(_save(fig, out_dir / f"eval_loss_vs_{name}.png"))
     return written
