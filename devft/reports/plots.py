@@ -68,7 +68,7 @@ def _eval_points(run: RunRecords, xfun) -> dict[int, tuple[float, float]]:
             if row.get("eval_loss") is not None}
 
 
-def _comparison_figures(draw, out_dir: Path, note: str = "") -> list[Path]:
+def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None) -> list[Path]:
     """One figure per x axis of :data:`_COMPARISON_AXES`; ``draw(ax, xfun)`` plots the lines."""
     written = []
     for name, xlabel, xfun in _COMPARISON_AXES:
@@ -77,8 +77,8 @@ def _comparison_figures(draw, out_dir: Path, note: str = "") -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full-model eval loss")
         if ax.get_legend_handles_labels()[0]:  # runs that never evaluated draw nothing
-            ax.legend()
-        ax.set_title(f"eval loss vs {xlabel}{note}")
+            ax.legend(title=legend_title, title_fontsize="small")
+        ax.set_title(f"eval loss vs {xlabel}")
         written.append(_save(fig, out_dir / f"eval_loss_vs_{name}.png"))
     return written
 
@@ -113,4 +113,4 @@ def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path) -> 
                             label=f"{name} (mean of {len(runs)})")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
 
-    return _comparison_figures(draw, out_dir, note=" (bands: lowest to highest seed)")
+    return _comparison_figures(draw, out_dir, legend_title="band: lowest to highest seed")
