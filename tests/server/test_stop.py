@@ -49,6 +49,12 @@ def test_a_stop_during_the_last_round_lets_the_run_finish(smoke_config, private_
     assert (out / "summary.json").exists()  # nothing left to resume: the run completes as usual
 
 
+def _ctrl_c_reaches_it() -> None:
+    """In a child before it runs: SIGINT at its default, as a terminal's foreground job has it, whatever the
+    test runner passed on (a runner started in the background hands down an ignored SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 _CTRL_C_TWICE = """
 import os, signal, sys, threading, time
 from server.launch import stop_on_interrupt
@@ -65,7 +71,7 @@ with stop_on_interrupt(stop):
 
 def test_first_ctrl_c_sets_the_stop_and_the_second_ends_the_process_at_once():
     done = subprocess.run([sys.executable, "-c", _CTRL_C_TWICE], capture_output=True, text=True, timeout=60,
-                          cwd=str(SMOKE.parents[2]))
+                          cwd=str(SMOKE.parents[2]), preexec_fn=_ctrl_c_reaches_it)
     assert done.returncode == 130 and done.stdout.splitlines() == ["stop set"], (done.stdout, done.stderr[-1000:])
     assert "second Ctrl-C: stopping now" in done.stderr
 
@@ -73,16 +79,17 @@ def test_first_ctrl_c_sets_the_stop_and_the_second_ends_the_process_at_once():
 def test_ctrl_c_handling_leaves_an_ignored_sigint_and_restores_the_handler():
     from server.launch import stop_on_interrupt
 
-    before = signal.getsignal(signal.SIGINT)
-    with stop_on_interrupt(threading.Event()):
-        assert signal.getsignal(signal.SIGINT) is not before
-    assert signal.getsignal(signal.SIGINT) is before  # restored on the way out
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C is not meant for it
+    inherited = signal.getsignal(signal.SIGINT)  # ignored when the test runner runs in the background
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a foreground process's
+        with stop_on_interrupt(threading.Event()):
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on the way out
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C is not meant for it
         with stop_on_interrupt(threading.Event()):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, inherited)
 
 
 def _start(private_env, out, *extra):
@@ -90,7 +97,8 @@ def _start(private_env, out, *extra):
            "--set", "federation.num_rounds=8", *extra]
     # its own process group, as a terminal's foreground job: Ctrl-C reaches every process in it (Ray's too)
     proc = subprocess.Popen(cmd, env={**os.environ, **private_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=str(SMOKE.parents[2]), start_new_session=True)
+                            text=True, cwd=str(SMOKE.parents[2]), start_new_session=True,
+                            preexec_fn=_ctrl_c_reaches_it)
     deadline = time.monotonic() + 300
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
