@@ -375,7 +375,7 @@ def register(cls: type[AggregationRule]) -> type[AggregationRule]:
 def get_rule(name: str, *, alpha: float, **options: Any) -> AggregationRule:
     """The rule called ``name`` (``fedit``, ``ffa``, ``fedsa``, ``flora``, ``fedex``, ``svd``).
 
-    ``alpha`` is the clients' LoRA alpha (scale ``alpha / r``); ``options`` go to the rule (``rank`` for
+    ``alpha`` is the clients' LoRA alpha (scale ``alpha / r``); ``options`` go to the rule (``rank`` and ``solver`` for
     ``svd``; ``backend``, ``check_finite`` and ``threads``, the CPU threads of the weighted sum, for all).
     """
     if name not in RULES:

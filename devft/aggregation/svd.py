@@ -7,11 +7,13 @@ so ``s B A`` is the best rank-r approximation of ``ΔW``: exact when ``rank ΔW 
 ``‖ΔW − ΔW_r‖_F = (Σ_{i>r} σ_i²)^{1/2}`` (reported in ``state.info``). Clients may use different ranks: a client
 of rank ``r_k ≤ r`` receives the top ``r_k`` components (``downlink(state, rank=r_k)``).
 
-The SVD never forms ΔW when it need not: with ``ΔW = B_s A_s`` (stacked factors, rank ``R = Σ r_k``),
-``B_s = Q_B R_B`` and ``A_sᵀ = Q_A R_A`` give ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so only the ``R × R`` core is
-decomposed (dense SVD when ``R`` exceeds a side). Directions with ``σ = 0`` (numerically), or beyond the stacked rank,
-get a zero B column and a non-zero A row (the previous A's, or a seeded draw like peft's initial A where the
-server's rank exceeds the previous one), so a LoRA direction never dies (``ΔW`` is unchanged by it).
+The SVD never forms ΔW when it need not: it works on the stacked factors ``ΔW = B_s A_s`` (rank
+``R = Σ r_k``), exactly through their QR below 12 clients of rank r, by subspace iteration to a residual far
+below float32 from there on (``devft.aggregation.product_svd``: same factors, a fraction of the time).
+Directions with ``σ = 0`` (numerically), or beyond the stacked rank, get a zero B column and a non-zero A row
+(the previous A's, or a seeded draw like peft's initial A where the server's rank exceeds the previous one),
+so a LoRA direction never dies (``ΔW`` is unchanged by it).
+
 Client: load A and B (of its rank), train, send both.
 """
 
@@ -33,21 +35,9 @@ from devft.aggregation.base import (
     register,
 )
 from devft.aggregation.norm_bound import distances
+from devft.aggregation.product_svd import SOLVERS, svd_of_product
 from devft.aggregation.sources import as_sources
 from devft.aggregation.validation import validate_updates
-
-
-def truncated_svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, σ, V`` with ``b @ a = U diag(σ) Vᵀ`` (fp64, thin, σ descending), through QR of the factors."""
-    b, a = b.double(), a.double()  # (d_out, R), (R, d_in)
-    rank = b.shape[1]
-    if rank <= min(b.shape[0], a.shape[1]):
-        qb, rb = torch.linalg.qr(b)  # (d_out, R), (R, R)
-        qa, ra = torch.linalg.qr(a.T)  # (d_in, R), (R, R)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)  # (R, R) core
-        return qb @ u, s, qa @ vh.T
-    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
-    return u, s, vh.T
 
 
 def _trainable_rows(prev_a: torch.Tensor, rows: list[int], seed: int) -> torch.Tensor:
@@ -72,12 +62,15 @@ class SVD(AggregationRule):
     lora_pairs_only = True
     heterogeneous_ranks = True
 
-    def __init__(self, *, alpha: float, rank: int | None = None, backend: str = "auto", check_finite: bool = True,
-                 threads: int | None = None) -> None:
+    def __init__(self, *, alpha: float, rank: int | None = None, solver: str = "auto", backend: str = "auto",
+                 check_finite: bool = True, threads: int | None = None) -> None:
         super().__init__(alpha=alpha, backend=backend, check_finite=check_finite, threads=threads)
         if rank is not None and (int(rank) != rank or rank < 1):
             raise ValueError(f"svd rank must be a positive integer, got rank={rank!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"svd solver must be one of {', '.join(SOLVERS)}, got solver={solver!r}")
         self.rank = rank
+        self.solver = solver
 
     def _aggregate(self, state: ServerState, updates: list[Update], p: list[float]) -> ServerState:
         sources = as_sources(updates)
@@ -94,9 +87,9 @@ class SVD(AggregationRule):
             b_s, a_s = torch.cat(b_parts, dim=1), torch.cat(a_parts, dim=0)
             if self.check_finite and not (bool(torch.isfinite(b_s).all()) and bool(torch.isfinite(a_s).all())):
                 validate_updates(updates, check_finite=True, rank_free=True)  # names the client and key
-            u, sigma, v = truncated_svd_of_product(b_s, a_s)
-            total = float(sigma.pow(2).sum())
-            tails.append(math.sqrt(float(sigma[r:].pow(2).sum()) / total) if total > 0 else 0.0)
+            found = svd_of_product(b_s, a_s, r, solver=self.solver, hint=prev_a)
+            u, sigma, v = found.u, found.sigma, found.v
+            tails.append(math.sqrt(found.tail_energy(r) / found.energy) if found.energy > 0 else 0.0)
             keep = min(r, sigma.numel())
             root = sigma[:keep].sqrt() / math.sqrt(self.alpha / r)
             new_b = torch.zeros(prev_b.shape[0], r, dtype=torch.float64)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from devft.aggregation import weighted_sum
+from devft.aggregation.product_svd import svd_of_product
 from devft.growth._params import base_layer_tensors, lora_factors
 from devft.models import Family, LoraState, layer_key, split_layer_key
 
@@ -117,17 +118,16 @@ def _fuse_module(
     if lora_fusion == "factors" or len(factors) == 1 or mode == "r-one":
         return a, b
     weights = fusion_weights(len(factors), mode, beta)
-    delta = weighted_sum([fb.float() @ fa.float() for fa, fb in factors], weights)  # (d_out, d_in)
-    if not bool(delta.any()):
-        return a, b  # nothing learnt yet: keep the fused random A and the zero B
-    # rank(ΔW) <= |g|·r and its columns lie in the span of the B_j: an SVD of the small projection
-    # Qᵀ ΔW, with Q an orthonormal basis of [B_1 … B_n], is the exact SVD of ΔW.
-    basis, _ = torch.linalg.qr(torch.cat([fb.double() for _, fb in factors], dim=1))  # (d_out, |g|·r)
-    u_core, s, vh = torch.linalg.svd(basis.T @ delta.double(), full_matrices=False)
+    # ΔW = Σ w_j B_j A_j = [B_1 … B_n] [w_1 A_1; …; w_n A_n], of rank ≤ |g|·r: its SVD through the factors
+    stacked_b = torch.cat([fb.double() for _, fb in factors], dim=1)  # (d_out, |g|·r)
+    stacked_a = torch.cat([w * fa.double() for w, (fa, _) in zip(weights, factors)], dim=0)  # (|g|·r, d_in)
     rank = factors[0][0].shape[0]
-    u = basis @ u_core[:, :rank]  # (d_out, r)
+    found = svd_of_product(stacked_b, stacked_a, rank)
+    if found.energy == 0.0:
+        return a, b  # nothing learnt yet: keep the fused random A and the zero B
     dtype = factors[0][0].dtype
-    return vh[:rank].to(dtype).contiguous(), (u * s[:rank]).to(dtype).contiguous()
+    sigma = found.sigma[:rank]
+    return found.v.T.to(dtype).contiguous(), (found.u * sigma).to(dtype).contiguous()
 
 
 def _layer_prefix(state: Mapping[str, torch.Tensor], family: Family) -> str:

@@ -40,6 +40,7 @@ from bench_aggregation import static_smollm2_lora_shapes  # noqa: E402
 
 from devft.aggregation import RULES, get_rule  # noqa: E402
 from devft.aggregation.packed import pack_arrayrecord  # noqa: E402
+from devft.aggregation.product_svd import SOLVERS  # noqa: E402
 
 
 def initial_lora(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -70,10 +71,10 @@ def client_replies(rule, state, clients: int, generator: torch.Generator) -> lis
     return replies
 
 
-def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | None) -> dict:
+def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | None, solver: str | None = None) -> dict:
     generator = torch.Generator().manual_seed(0)
     shapes = static_smollm2_lora_shapes(rank, layers)
-    rule = get_rule(name, alpha=2.0 * rank)
+    rule = get_rule(name, alpha=2.0 * rank, **({} if solver is None else {"solver": solver}))
     state = rule.init_state(initial_lora(shapes, generator))
     aggregate_s, downlink_s, down_bytes = [], [], 0
     for _ in range(rounds):
@@ -88,7 +89,7 @@ def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | No
         down_bytes = sum(len(array.data) for array in record.values())
         del replies, record
     later = aggregate_s[1:] or aggregate_s
-    return {"rule": name, "clients": clients, "rank": rank, "rounds": rounds, "round1_aggregate_s": aggregate_s[0],
+    return {"rule": name, "solver": solver, "clients": clients, "rank": rank, "rounds": rounds, "round1_aggregate_s": aggregate_s[0],
             "aggregate_s": statistics.median(later), "downlink_s": statistics.median(downlink_s[1:] or downlink_s),
             "down_mib": down_bytes / 2**20, "aggregate_s_by_round": aggregate_s}
 
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="aggregations per case (state carried over)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
+    parser.add_argument("--svd-solvers", nargs="+", default=["auto"], choices=SOLVERS,
+                        help="svd's solvers, one case each (auto: exact below 8 clients, iterative from there)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -109,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu={platform.processor() or platform.machine()}")
     rows = []
     for clients in args.clients:
-        for name in args.rules:
-            row = bench_rule(name, clients, args.rank, args.rounds, args.layers)
+        for name, solver in [(n, s) for n in args.rules for s in (args.svd_solvers if n == "svd" else [None])]:
+            row = bench_rule(name, clients, args.rank, args.rounds, args.layers, solver)
             rows.append(row)
-            print(f"rule={name} clients={clients} rank={args.rank} round1_aggregate_s={row['round1_aggregate_s']:.4g} "
+            print(f"rule={name}{'' if solver is None else f' solver={solver}'} clients={clients} rank={args.rank} round1_aggregate_s={row['round1_aggregate_s']:.4g} "
                   f"downlink_s={row['downlink_s']:.4g} aggregate_s={row['aggregate_s']:.4g} "
                   f"down_mib={row['down_mib']:.4g}", flush=True)
     if args.json:

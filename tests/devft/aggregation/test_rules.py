@@ -235,6 +235,38 @@ def test_svd_is_exact_when_the_stacked_rank_fits(start):
         assert rel(got[module], ideal[module]) < 1e-6  # fp32 storage of the factors
 
 
+def test_svd_with_many_clients_takes_the_iterative_solver_and_gives_the_exact_state(monkeypatch):
+    import devft.aggregation.svd as svd_module
+
+    modules = {"self_attn.q_proj": (72, 64), "mlp.down_proj": (64, 80), "self_attn.k_proj": (64, 16)}  # (d_in, d_out)
+    start = random_lora(2, 2, modules, seed=21)
+    clients = [trained(start, 700 + k, step=0.2) for k in range(16)]  # R = 32: iterative for q and down, not k
+    counts = [10 + k for k in range(16)]
+    solvers = []
+
+    def spy(*args, **kwargs):
+        found = real(*args, **kwargs)
+        solvers.append(found.solver)
+        return found
+
+    real = svd_module.svd_of_product
+    exact_rule = get_rule("svd", alpha=ALPHA, solver="exact")
+    exact = exact_rule.aggregate(exact_rule.init_state(start), clients, counts)
+    monkeypatch.setattr(svd_module, "svd_of_product", spy)
+    auto_rule = get_rule("svd", alpha=ALPHA)
+    auto = auto_rule.aggregate(auto_rule.init_state(start), clients, counts)
+    assert sorted(solvers) == ["exact"] * 2 + ["iterative"] * 4  # 2 layers × (k; q, down)
+    ideal, got, best = ideal_delta(clients, counts, ALPHA), auto_rule.effective_delta(auto), exact_rule.effective_delta(exact)
+    for module in ideal:
+        # the global factors are stored in fp32: the two solvers agree to its rounding
+        torch.testing.assert_close(got[module], best[module], atol=1e-6 * float(best[module].abs().max()), rtol=0)
+        assert rel(got[module], ideal[module]) > 1e-3  # truncated: 16 clients of rank 2 do not fit in rank 2
+    for key in ("svd_tail_rel_max", "svd_tail_rel_mean"):
+        assert auto.info[key] == pytest.approx(exact.info[key], rel=1e-8)
+    with pytest.raises(ValueError, match="solver='qr'"):
+        get_rule("svd", alpha=ALPHA, solver="qr")
+
+
 def test_svd_sends_each_client_its_own_rank(start):
     rule = get_rule("svd", alpha=ALPHA)
     new = rule.aggregate(rule.init_state(start), [trained(start, 600 + k) for k in range(3)], [1, 1, 1])
