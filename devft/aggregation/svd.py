@@ -8,8 +8,9 @@ so ``s B A`` is the best rank-r approximation of ``ΔW``: exact when ``rank ΔW 
 of rank ``r_k ≤ r`` receives the top ``r_k`` components (``downlink(state, rank=r_k)``).
 
 The SVD never forms ΔW when it need not: it works on the stacked factors ``ΔW = B_s A_s`` (rank
-``R = Σ r_k``), exactly through their QR below 12 clients of rank r, by subspace iteration to a residual far
-below float32 from there on (``devft.aggregation.product_svd``: same factors, a fraction of the time).
+``R = Σ r_k``), exactly through their QR below 12 clients of rank r, by subspace iteration from there on,
+started from the previous global A (``devft.aggregation.product_svd``: the same ``s B A`` to float32
+rounding, though a column of B and its row of A may both flip sign; a fraction of the time).
 Directions with ``σ = 0`` (numerically), or beyond the stacked rank, get a zero B column and a non-zero A row
 (the previous A's, or a seeded draw like peft's initial A where the server's rank exceeds the previous one),
 so a LoRA direction never dies (``ΔW`` is unchanged by it).

@@ -55,9 +55,10 @@ def initial_lora(shapes: dict[str, tuple[int, ...]], generator: torch.Generator)
     return out
 
 
-def client_replies(rule, state, clients: int, generator: torch.Generator) -> list:
+def client_replies(rule, state, clients: int, generator: torch.Generator, step: float = 1e-3) -> list:
     """Each client's packed reply: the uploaded tensors it received (zeros where it received none, as after
-    FLoRA's fresh B) moved by its own random step, or fresh random A for rules that restart LoRA."""
+    FLoRA's fresh B) moved by its own random step of standard deviation ``step``, or fresh random A for
+    rules that restart LoRA."""
     expected = rule.expected_upload(state)
     replies = []
     for _ in range(clients):
@@ -66,19 +67,20 @@ def client_replies(rule, state, clients: int, generator: torch.Generator) -> lis
             start = state.lora[key]
             if rule.fresh_lora_each_round and ".lora_A." in key:
                 start = torch.empty(shape).uniform_(-shape[1] ** -0.5, shape[1] ** -0.5, generator=generator)
-            reply[key] = start + 1e-3 * torch.randn(shape, generator=generator)
+            reply[key] = start + step * torch.randn(shape, generator=generator)
         replies.append(pack_arrayrecord(reply))
     return replies
 
 
-def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | None, solver: str | None = None) -> dict:
+def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | None, solver: str | None = None,
+               step: float = 1e-3) -> dict:
     generator = torch.Generator().manual_seed(0)
     shapes = static_smollm2_lora_shapes(rank, layers)
     rule = get_rule(name, alpha=2.0 * rank, **({} if solver is None else {"solver": solver}))
     state = rule.init_state(initial_lora(shapes, generator))
     aggregate_s, downlink_s, down_bytes = [], [], 0
     for _ in range(rounds):
-        replies = client_replies(rule, state, clients, generator)
+        replies = client_replies(rule, state, clients, generator, step)
         weights = [100 + 10 * k for k in range(clients)]
         start = time.perf_counter()
         state = rule.aggregate(state, replies, weights)
@@ -89,7 +91,7 @@ def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | No
         down_bytes = sum(len(array.data) for array in record.values())
         del replies, record
     later = aggregate_s[1:] or aggregate_s
-    return {"rule": name, "solver": solver, "clients": clients, "rank": rank, "rounds": rounds, "round1_aggregate_s": aggregate_s[0],
+    return {"rule": name, "solver": solver, "step": step, "clients": clients, "rank": rank, "rounds": rounds, "round1_aggregate_s": aggregate_s[0],
             "aggregate_s": statistics.median(later), "downlink_s": statistics.median(downlink_s[1:] or downlink_s),
             "down_mib": down_bytes / 2**20, "aggregate_s_by_round": aggregate_s}
 
@@ -103,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
     parser.add_argument("--svd-solvers", nargs="+", default=["auto"], choices=SOLVERS,
-                        help="svd's solvers, one case each (auto: exact below 8 clients, iterative from there)")
+                        help="svd's solvers, one case each (auto: exact below 12 clients, iterative from there)")
+    parser.add_argument("--step", type=float, default=1e-3,
+                        help="std of each client's random step from the global adapters: 1e-3 keeps the clients "
+                             "near them (svd: a gap after the top r), 0.1 makes them nearly independent (no gap, "
+                             "the iterative solver's worst case)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -113,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for clients in args.clients:
         for name, solver in [(n, s) for n in args.rules for s in (args.svd_solvers if n == "svd" else [None])]:
-            row = bench_rule(name, clients, args.rank, args.rounds, args.layers, solver)
+            row = bench_rule(name, clients, args.rank, args.rounds, args.layers, solver, args.step)
             rows.append(row)
-            print(f"rule={name}{'' if solver is None else f' solver={solver}'} clients={clients} rank={args.rank} round1_aggregate_s={row['round1_aggregate_s']:.4g} "
+            print(f"rule={name}{'' if solver is None else f' solver={solver}'} clients={clients} rank={args.rank} step={args.step:g} round1_aggregate_s={row['round1_aggregate_s']:.4g} "
                   f"downlink_s={row['downlink_s']:.4g} aggregate_s={row['aggregate_s']:.4g} "
                   f"down_mib={row['down_mib']:.4g}", flush=True)
     if args.json:

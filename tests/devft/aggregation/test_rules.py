@@ -267,6 +267,20 @@ def test_svd_with_many_clients_takes_the_iterative_solver_and_gives_the_exact_st
         get_rule("svd", alpha=ALPHA, solver="qr")
 
 
+def test_svd_with_many_clients_of_mixed_ranks_gives_the_exact_state():
+    modules = {"self_attn.q_proj": (72, 64), "mlp.down_proj": (64, 80)}  # (d_in, d_out)
+    start = random_lora(2, 4, modules, seed=22)
+    clients = [random_lora(2, 2 if k % 2 else 4, modules, seed=800 + k) for k in range(16)]  # R = 48
+    counts = [5 + k for k in range(16)]
+    exact_rule, auto_rule = get_rule("svd", alpha=ALPHA, solver="exact"), get_rule("svd", alpha=ALPHA)
+    exact = exact_rule.aggregate(exact_rule.init_state(start), clients, counts)
+    auto = auto_rule.aggregate(auto_rule.init_state(start), clients, counts)
+    best, got = exact_rule.effective_delta(exact), auto_rule.effective_delta(auto)
+    for module in best:
+        torch.testing.assert_close(got[module], best[module], atol=1e-6 * float(best[module].abs().max()), rtol=0)
+    assert auto.info["svd_tail_rel_max"] == pytest.approx(exact.info["svd_tail_rel_max"], rel=1e-8)
+
+
 def test_svd_sends_each_client_its_own_rank(start):
     rule = get_rule("svd", alpha=ALPHA)
     new = rule.aggregate(rule.init_state(start), [trained(start, 600 + k) for k in range(3)], [1, 1, 1])

@@ -106,3 +106,24 @@ def test_svd_fusion_of_a_fresh_lora_keeps_a_trainable_a():
     svd = fuse_lora(state, [(0, 1, 2, 3), (4, 5, 6, 7)], LLAMA, "dblf", 0.1, lora_fusion="svd")
     assert all(torch.equal(factors[k], svd[k]) for k in factors)
     assert all(bool(v.any()) for k, v in svd.items() if "lora_A" in k)
+
+
+def test_svd_fusion_of_a_large_group_goes_through_the_iterative_solver(monkeypatch):
+    import devft.growth.fusion as fusion
+
+    # 12 similar layers (a group) of rank 2 on 64-wide projections: stacked rank 24 ≥ 6·(2r), where auto iterates
+    g = torch.Generator().manual_seed(31)
+    a0, b0 = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    factors = [(a0 + 0.05 * torch.randn(2, 64, generator=g), b0 + 0.05 * torch.randn(64, 2, generator=g))
+               for _ in range(12)]
+    solvers = []
+    real = fusion.svd_of_product
+    monkeypatch.setattr(fusion, "svd_of_product", lambda *a, **k: solvers.append(r := real(*a, **k)) or r)
+    a, b = fusion._fuse_module(factors, "dblf", 0.05, "svd")
+    assert [found.solver for found in solvers] == ["iterative"]
+    w = fusion_weights(12, "dblf", 0.05)
+    delta = sum(wj * (fb.double() @ fa.double()) for wj, (fa, fb) in zip(w, factors))
+    u, s, vh = torch.linalg.svd(delta)
+    best = (u[:, :2] * s[:2]) @ vh[:2]
+    torch.testing.assert_close((b @ a).double(), best, rtol=0, atol=1e-6 * float(best.abs().max()))
+    assert a.shape == (2, 64) and b.shape == (64, 2) and a.dtype == b.dtype == torch.float32
