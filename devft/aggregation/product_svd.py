@@ -62,7 +62,7 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor, keep: int, *, solver: str =
                    hint: torch.Tensor | None = None) -> ProductSVD:
     """The top ``keep`` singular triples of ``b @ a`` (see the module docstring for the solvers).
 
-    ``hint`` (rows in ``b @ a``'s row space, ``(h, d_in)``), e.g. the previous round's global LoRA A, is where
+    ``hint`` (``(h, d_in)`` rows), e.g. the previous round's global LoRA A, is where
     the iterative solver starts (at most ``k − keep`` of them: the rest of the start stays random, so a hint
     that misses the top directions costs steps, not the answer)."""
     if solver not in SOLVERS:
@@ -169,7 +169,7 @@ def _iterative(b: torch.Tensor, a: torch.Tensor, keep: int, block: int, max_iter
 def _on_course_to_miss(residuals: list[float], target: float, steps_left: int) -> bool:
     """From the third step on: whether the residual, falling at its latest rate, stays above ``target`` for
     the steps left (a spectrum without a gap after ``k``: hand over early rather than spend them)."""
-    if len(residuals) < 3 or residuals[-1] <= target:
+    if len(residuals) < 3 or residuals[-1] <= target or residuals[-2] == 0.0:
         return False
     rate = residuals[-1] / residuals[-2]
     if rate >= 1.0:

@@ -190,3 +190,12 @@ def test_bad_arguments_name_the_field(field, kwargs):
     b, a = torch.ones(8, 2), torch.ones(2, 8)
     with pytest.raises(ValueError, match=field):
         svd_of_product(b, a, **({"keep": 2} | kwargs))
+
+
+def test_a_residual_of_zero_before_the_values_settle_is_not_a_rate():
+    from devft.aggregation.product_svd import _on_course_to_miss
+
+    assert not _on_course_to_miss([1.0, 0.0, 0.5], target=1e-10, steps_left=5)  # no rate from a zero
+    assert _on_course_to_miss([1.0, 0.5, 0.6], target=1e-10, steps_left=5)  # rising: gives up
+    assert _on_course_to_miss([1.0, 0.5, 0.25], target=1e-10, steps_left=5)  # halving: 0.25/2⁵ > 1e-10
+    assert not _on_course_to_miss([1.0, 1e-3, 1e-6], target=1e-10, steps_left=5)  # 1e-6·1e-15 < 1e-10
