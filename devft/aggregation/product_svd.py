@@ -13,8 +13,9 @@ the top ``r``. Two solvers, both in float64:
   is invariant but not the top one has residual 0 too; the power step moves it). The rank-r approximation
   then agrees with the exact one to about 1e-9 of ``σ_1`` where the spectrum has a gap at r (tested), far
   below the float32 the global adapters are stored in; without one, any answer is equally optimal.
-  Its cost is ``‖M‖_F²`` (two Gram matrices, or ``M`` itself, whichever takes fewer operations) plus a few
-  products with ``k`` columns, each one pass over the factors.
+  It runs through the factors, or through ``M`` once ``M`` has fewer entries than they do; its cost is
+  ``‖M‖_F²`` (from the two ``R × R`` Gram matrices, or from ``M``) plus a few products with ``k`` columns,
+  each one pass over the factors or ``M``.
   The exact solver answers instead when ``M`` is zero; when the rounding of ``‖M‖_F²`` (below
   ``4 R ε ‖b‖_F² ‖a‖_F²``) exceeds 1e-8 of it (replies that nearly cancel: the truncation's tail, reported
   as ``‖M‖_F²`` minus the kept ``σ²``, would be rounding; below that bound a tail under 1e-4 of ``‖M‖_F``
@@ -128,7 +129,7 @@ def _orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
 
 def _iterative(b: torch.Tensor, a: torch.Tensor, keep: int, block: int, max_iter: int,
                hint: torch.Tensor | None) -> ProductSVD | None:
-    """Subspace iteration with Rayleigh–Ritz on ``M = b a`` (``M x = b (a x)``). None, for the exact solver to
+    """Subspace iteration with Rayleigh–Ritz on ``M = b a`` (see ``_operator``). None, for the exact solver to
     answer, when ``M`` is zero, when ``‖M‖_F²`` is lost in the rounding of factors far larger than their
     product (replies that nearly cancel), or when it has not converged within ``max_iter`` steps (or is
     on course not to)."""
