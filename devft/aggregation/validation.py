@@ -70,8 +70,9 @@ def validate_updates(
     ``updates`` are mappings of tensors or Flower ArrayRecords. Every update must hold exactly the keys of
     ``expected`` (or, without it, of update 0), with the expected shape, one float dtype per key across
     clients, and (``weights`` given) a positive finite weight. With ``rank_free`` the LoRA rank dimension
-    (dim 0 of ``lora_A``, dim 1 of ``lora_B``) may differ between clients but must agree between the A and
-    B of one module within a client (heterogeneous ranks, as FLoRA and FlexLoRA allow). ``check_finite``
+    (dim 0 of ``lora_A``, dim 1 of ``lora_B``) may differ between clients but must be one rank across all the
+    factors of one client's reply (heterogeneous ranks, as FLoRA and FlexLoRA allow: a client trains one rank,
+    and what it is sent and measured against follows that rank). ``check_finite``
     reads every value (one extra pass); the aggregation kernels do that check fused, so it is off by default.
     """
     if len(updates) == 0:
@@ -97,7 +98,8 @@ def validate_updates(
                     f"{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}",
                     client=c,
                 )
-            ranks: dict[str, int] = {}
+            rank: int | None = None  # one LoRA rank per reply (with rank_free), set by its first factor
+            rank_key = None
             for key, shape in expected.items():
                 dtype, got = src.meta(key)
                 want = tuple(int(s) for s in shape)
@@ -115,11 +117,12 @@ def validate_updates(
                     raise InvalidUpdateError(f"shape {got}, expected {shown} (any rank r)", client=c, key=key)
                 if got[dim] < 1:
                     raise InvalidUpdateError(f"shape {got} has rank 0", client=c, key=key)
-                module = key.replace(".lora_A", "").replace(".lora_B", "")
-                if ranks.setdefault(module, got[dim]) != got[dim]:
+                if rank is None:
+                    rank, rank_key = got[dim], key
+                elif got[dim] != rank:
                     raise InvalidUpdateError(
-                        f"rank {got[dim]} differs from the rank {ranks[module]} of the other factor of this module",
-                        client=c, key=key,
+                        f"rank {got[dim]} differs from the rank {rank} of {rank_key} in the same reply (a client "
+                        "trains one LoRA rank for all its modules)", client=c, key=key,
                     )
         if check_finite:
             for c, src in enumerate(sources):

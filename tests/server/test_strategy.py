@@ -436,6 +436,28 @@ def test_a_reply_in_another_wire_dtype_is_rejected_not_a_crashed_round(smoke_con
     assert failure.partition_id == 3 and f"has dtype {name}, expected {wire} (the run's wire dtype)" in failure.reason
 
 
+def test_a_reply_of_two_ranks_is_rejected_under_svd_with_a_norm_bound(smoke_config, private_env, tmp_path):
+    # FlexLoRA takes clients of any rank, one rank per client: what a client is sent, and what its update is
+    # measured from when a norm bound is set, follow that rank. A reply with one module at another rank
+    # (both factors consistent) costs that client its reply, never the server its round
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path, federation__aggregation="svd",
+                                                   federation__max_update_norm_ratio=3.0)
+    generator = torch.Generator().manual_seed(0)
+    replies = []
+    for pid in range(4):
+        arrays = {k: v + 1e-2 * torch.randn(v.shape, generator=generator) for k, v in sub.items()}
+        if pid == 3:  # the last module at rank 2, the others at the run's rank
+            key_a = [k for k in arrays if ".lora_A." in k][-1]
+            key_b = key_a.replace("lora_A", "lora_B")
+            arrays[key_a], arrays[key_b] = arrays[key_a][:2].clone(), arrays[key_b][:, :2].clone()
+        replies.append(_reply(by_pid[pid], arrays, 10, pid))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 3
+    [failure] = strategy._round.failures
+    assert failure.partition_id == 3 and "rank 2 differs from the rank" in failure.reason
+    assert sorted(strategy._round.update_norms) == [0, 1, 2]
+
+
 def _packed_reply_with_manifest(request: Message, lora: dict[str, torch.Tensor], manifest: Array, pid: int) -> Message:
     from devft.aggregation.packed import MANIFEST_KEY, pack_arrayrecord
 

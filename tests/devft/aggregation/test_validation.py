@@ -53,10 +53,19 @@ def test_rank_free_accepts_other_ranks_but_not_inconsistent_factors():
         validate_updates(ups, expected=expected)  # ranks differ: refused unless rank_free
     validate_updates(ups, expected=expected, rank_free=True)
     key_a = lora_key(1, "self_attn.q_proj", "lora_A")
+    first = next(k for k in expected if ".lora_" in k)
     ups[2][key_a] = torch.zeros(3, 24)  # A of rank 3, B of rank 8
-    with pytest.raises(InvalidUpdateError, match="rank 8 differs from the rank 3 of the other factor") as info:
+    with pytest.raises(InvalidUpdateError, match=f"rank 3 differs from the rank 8 of {first}") as info:
         validate_updates(ups, expected=expected, rank_free=True)
-    assert (info.value.client, info.value.key) == (2, key_a.replace("lora_A", "lora_B"))
+    assert (info.value.client, info.value.key) == (2, key_a)
+    # both factors of one module at rank 3 while the others are at 8: a client trains one rank (what it is
+    # sent and what its update is measured from follow that rank), so the reply is refused by name too
+    key_b = key_a.replace("lora_A", "lora_B")
+    ups[2][key_b] = torch.zeros(ups[2][key_b].shape[0], 3)
+    with pytest.raises(InvalidUpdateError, match="rank 3 differs from the rank 8") as info:
+        validate_updates(ups, expected=expected, rank_free=True)
+    assert info.value.client == 2 and info.value.key in (key_a, key_b)
+    ups[2] = random_lora(2, 8, SMALL_MODULES, seed=8)
     ups[2][key_a] = torch.zeros(8, 23)  # wrong d_in
     with pytest.raises(InvalidUpdateError, match="any rank r"):
         validate_updates(ups, expected=expected, rank_free=True)
