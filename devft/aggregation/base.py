@@ -21,6 +21,8 @@ it is smaller than the dense one (``R (d_in + d_out) < d_in d_out``).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,7 +203,8 @@ class AggregationRule:
     """Base of the LoRA aggregation rules; subclasses set the class attributes and override a few hooks.
 
     Attributes describe the rule: ``uploads`` (LoRA parts a client sends), ``downloads`` (LoRA parts the
-    server sends every round; ``full_downloads`` in the first round of a stage), ``exact`` (whether the new
+    server sends to a client that kept the rest; ``full_downloads`` to one that keeps nothing, or in the first
+    round of a stage: devft's Flower server sends these every round), ``exact`` (whether the new
     global model equals the example-weighted average of the clients' models; ``None`` when there is no
     single global model), ``heterogeneous_ranks`` (clients may use different ranks), ``changes_base``
     (the rule folds updates into the frozen base weights), ``personalised`` (clients keep parts of their
@@ -224,8 +227,8 @@ class AggregationRule:
 
     def __init__(self, *, alpha: float, backend: str = "auto", check_finite: bool = True,
                  threads: int | None = None) -> None:
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0 (the LoRA alpha of the clients), got alpha={alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0 (the LoRA alpha of the clients), got alpha={alpha!r}")
         if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
             raise ValueError(f"threads must be a positive integer (CPU threads of the weighted sum), got threads={threads!r}")
         self.alpha = float(alpha)
@@ -320,8 +323,8 @@ class AggregationRule:
         return moved_towards(source, self.update_origin(state, source), factor)
 
     def downlink(self, state: ServerState, *, full: bool = False, rank: int | None = None) -> dict[str, torch.Tensor]:
-        """Tensors to send to a client this round. ``full`` also sends what a client already holds (the
-        first round of a stage); ``rank`` is the client's LoRA rank where ranks differ (svd)."""
+        """Tensors to send to a client this round. ``full`` also sends what a client may already hold (for a
+        client that keeps nothing between rounds, or the first round of a stage); ``rank`` is the client's LoRA rank where ranks differ (svd)."""
         if rank is not None:
             raise ValueError(f"rule {self.name!r} sends one rank to every client; rank={rank} is not supported")
         parts = self.full_downloads if full and self.full_downloads is not None else self.downloads
@@ -352,7 +355,8 @@ class AggregationRule:
     def payload_bytes(self, state: ServerState, client_lora: Mapping[str, torch.Tensor] | None = None,
                       *, full: bool = False, rank: int | None = None, wire_format: str = "arrays") -> tuple[int, int]:
         """``(up, down)`` bytes per client this round, as Flower counts the serialised records in
-        ``wire_format`` (``arrays``: one array per tensor; ``packed``: :mod:`devft.aggregation.packed`)."""
+        ``wire_format`` (``arrays``: one array per tensor; ``packed``: :mod:`devft.aggregation.packed`);
+        ``full`` and ``rank`` as in :meth:`downlink` (devft's Flower server sends ``full=True`` every round)."""
         count = {"arrays": payload_nbytes, "packed": packed_nbytes}.get(wire_format)
         if count is None:
             raise ValueError(f"unknown wire_format={wire_format!r}; choose 'arrays' or 'packed'")

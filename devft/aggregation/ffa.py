@@ -2,10 +2,12 @@
 "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
 Every client initialises A from the same seed and freezes it; ``B̄ = Σ p_k B_k``. Exact, because A is
-common: ``B̄ A = Σ p_k B_k A``. Half the traffic of FedIT (B only, ``r · d_out`` per module each way).
+common: ``B̄ A = Σ p_k B_k A``. Half FedIT's uplink (B only, ``r · d_out`` per module).
 Client: attach LoRA with the shared seed, :func:`~devft.aggregation.client_side.freeze_lora_A`, load B̄,
-train, send B. The server sends A as well (``downlink(full=True)``) when A changes, e.g. at the start of a
-DevFT stage, where A is the fused (and afterwards transferred) A of the new submodel.
+train, send B. Down, ``downlink()`` is B alone, for a client that kept A; ``downlink(full=True)`` adds A, for
+a client that keeps nothing, or when A changes (a DevFT stage's A is the fused, later transferred, A of the
+new submodel). devft's Flower clients keep nothing between rounds, so its server sends A and B every round
+(docs/design.md §3).
 """
 
 from __future__ import annotations

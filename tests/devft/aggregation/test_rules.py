@@ -65,8 +65,9 @@ def test_registry_has_the_six_rules_and_refuses_unknown_names():
         assert get_rule(name, alpha=ALPHA).name == name
     with pytest.raises(ValueError, match="unknown aggregation rule='fedavg'"):
         get_rule("fedavg", alpha=ALPHA)
-    with pytest.raises(ValueError, match="alpha must be > 0"):
-        get_rule("fedit", alpha=0)
+    for alpha in (0, -1.0, float("inf"), float("nan"), "16", True):  # inf: every product would overflow
+        with pytest.raises(ValueError, match=f"alpha must be a finite number > 0 .* got alpha={alpha!r}"):
+            get_rule("fedit", alpha=alpha)
     with pytest.raises(ValueError, match="svd rank"):
         get_rule("svd", alpha=ALPHA, rank=0)
 
@@ -175,7 +176,6 @@ def test_flora_folds_a_nonzero_initial_adapter_into_the_base(start):
 def test_fedex_average_plus_residual_is_exact_over_rounds(start):
     rule = get_rule("fedex", alpha=ALPHA)
     state = rule.init_state(start)
-    target = rule.effective_delta(state)  # round 0: s B0 A0
     for rnd in range(2):
         clients = [trained({**state.lora}, 400 + 10 * rnd + k) for k in range(4)]
         # every client's model is base + residual so far + its own adapters
@@ -189,12 +189,15 @@ def test_fedex_average_plus_residual_is_exact_over_rounds(start):
             # the adapters are FedIT's
             hand_a = sum(pk * c[ka].double() for pk, c in zip(p_of(COUNTS), clients))
             torch.testing.assert_close(new.lora[ka].double(), hand_a, atol=1e-6, rtol=1e-6)
-        target = got
         state = new
-    down = rule.downlink(state)
-    adapters, deltas = split_downlink(down)
+    # a client that keeps nothing rebuilds the global model from the downlink alone: frozen weight + residual
+    # sent + s·B·A of the adapters sent is the server's effective delta
+    adapters, deltas = split_downlink(rule.downlink(state))
     assert set(adapters) == set(start) and set(deltas) == set(lora_modules(start))
-    assert target  # the loop ran
+    effective = rule.effective_delta(state)
+    for module, (ka, kb) in lora_modules(adapters).items():
+        rebuilt = deltas[module].double() + (ALPHA / 4) * adapters[kb].double() @ adapters[ka].double()
+        assert rel(rebuilt, effective[module]) < 1e-6, module
 
 
 def test_fedex_refuses_heterogeneous_ranks(start):
@@ -373,11 +376,13 @@ def test_finite_replies_whose_aggregate_overflows_raise_and_leave_the_state(name
 
 
 @pytest.mark.parametrize(
-    "name,up_parts,down_parts",
-    [("fedit", "AB", "AB"), ("ffa", "B", "B"), ("fedsa", "A", "A"), ("svd", "AB", "AB"), ("flora", "AB", ""),
-     ("fedex", "AB", "AB")],
+    "name,up_parts,down_parts,full_down_parts",
+    [("fedit", "AB", "AB", "AB"), ("ffa", "B", "B", "AB"), ("fedsa", "A", "A", "A"), ("svd", "AB", "AB", "AB"),
+     ("flora", "AB", "", ""), ("fedex", "AB", "AB", "AB")],
 )
-def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, start):
+def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, full_down_parts, start):
+    # down: to a client that kept what it was sent before; full: to one that keeps nothing (devft's Flower
+    # clients, every round: FFA's shared A travels too)
     rule = get_rule(name, alpha=ALPHA)
     replies = [rule.client_payload(trained(start, 900 + k, keep_a=(name == "ffa"))) for k in range(2)]
     state = rule.aggregate(rule.init_state(start), replies, [1, 1])
@@ -396,6 +401,8 @@ def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, start):
     base = sum(payload_nbytes(d.payload(m)) for m, d in state.base_delta.items())
     assert (base > 0) == rule.changes_base
     assert down == lora_bytes(down_parts) + base
+    _, full_down = rule.payload_bytes(state, start, full=True)
+    assert full_down == to_arrayrecord(rule.downlink(state, full=True)).count_bytes() == lora_bytes(full_down_parts) + base
     # elements per module as in docs/design.md §3: FedIT r(d_in + d_out), FFA r·d_out, FedSA r·d_in
     a_key, b_key = lora_key(0, "mlp.down_proj", "lora_A"), lora_key(0, "mlp.down_proj", "lora_B")
     sent = rule.client_payload(start)
