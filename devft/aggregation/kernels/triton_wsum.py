@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -230,6 +231,7 @@ class PreparedWeightedSum:
         self.keys = list(keys) if keys is not None else self.sources[0].keys()
         self.check_finite = check_finite
         self.flags = torch.zeros(len(self.sources), dtype=torch.int32, device=self.device)
+        self.device_weights_used: torch.Tensor | None = None  # the last launch's unchecked device weights
         self.launches = [self._prepare(group) for group in self.groups]
         table = [ln.addresses.reshape(-1) for ln in self.launches if ln.runs]
         if table:
@@ -257,19 +259,25 @@ class PreparedWeightedSum:
     def device_weights(self, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """``weights`` as a float64 tensor on the device: a sequence or CPU tensor is checked (one finite
         number per client) and copied without blocking the host; a tensor already on the device is used
-        as it is, unchecked (checking it would wait for the device). A float32 device tensor is taken too
-        when every input accumulates in float32: a launch then converts nothing."""
-        if isinstance(weights, torch.Tensor) and weights.device == self.device and self.device.type != "cpu":
+        as it is (made contiguous: the kernel reads weight k at ``weights + k``, so a column of a table or
+        an ``expand``-ed scalar is copied first), its values unchecked here (that would wait for the device;
+        :meth:`raise_if_not_finite` checks them in its one sync). A float32 device tensor is taken too when
+        every input accumulates in float32: a launch then converts nothing."""
+        if self.on_device(weights):
             wide = any(ln.flat.dtype == torch.float64 for ln in self.launches)
             allowed = (torch.float64,) if wide else (torch.float64, torch.float32)
             if weights.dtype not in allowed or weights.shape != (len(self.sources),):
                 raise ValueError(f"device weights must be {' or '.join(map(str, allowed))} of shape "
                                  f"({len(self.sources)},), got {weights.dtype} of shape {tuple(weights.shape)}")
-            return weights
+            return weights.contiguous()
         host = torch.tensor(check_weights(weights, len(self.sources)), dtype=torch.float64)
         if self.device.type == "cpu":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    def on_device(self, weights: Sequence[float] | torch.Tensor) -> bool:
+        """Whether ``weights`` are a tensor already on the (CUDA) device, used without a host check."""
+        return isinstance(weights, torch.Tensor) and weights.device == self.device and self.device.type != "cpu"
 
     def launch(self, weights: Sequence[float] | torch.Tensor,
                scale: torch.Tensor | None = None) -> list[tuple[Group, torch.Tensor]]:
@@ -277,6 +285,9 @@ class PreparedWeightedSum:
         tensor, when given) and return each group's flat output (accumulation dtype) without waiting for
         the kernels."""
         wdev = self.device_weights(weights)
+        # device weights were not checked on the host: with check_finite their finiteness is read in the
+        # same sync as the clients' flags (raise_if_not_finite)
+        self.device_weights_used = wdev if self.check_finite and self.on_device(weights) else None
         if scale is not None:
             wdev = wdev * scale
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -300,12 +311,22 @@ class PreparedWeightedSum:
         return {ln.group.dtype: ln.vec for ln in self.launches}
 
     def raise_if_not_finite(self, flats: list[tuple[Group, torch.Tensor]]) -> None:
-        """One host sync: the clients' NaN/Inf flags and the outputs' finiteness; raises naming the client
-        (and key) that holds a non-finite value, or the key whose sum overflowed."""
+        """One host sync: the last launch's device weights (when they were not checked on the host), the
+        clients' NaN/Inf flags and the outputs' finiteness; raises a ValueError naming a non-finite weight,
+        or an error naming the client (and key) that holds a non-finite value, or the key whose sum
+        overflowed."""
         n = len(self.sources)
-        checks = [self.flags.to(torch.int64)] + [(~torch.isfinite(flat)).any().reshape(1).to(torch.int64)
-                                                 for _, flat in flats if flat.numel() > 0]
+        weights = self.device_weights_used
+        checks = [(~torch.isfinite(weights)).to(torch.int64) if weights is not None else self.flags.new_zeros(0, dtype=torch.int64),
+                  self.flags.to(torch.int64)]
+        checks += [(~torch.isfinite(flat)).any().reshape(1).to(torch.int64) for _, flat in flats if flat.numel() > 0]
         status = torch.cat(checks).tolist()
+        if weights is not None:
+            bad = [k for k in range(n) if status[k]]
+            if bad:
+                raise ValueError(f"weighted sum weights must be finite, got {float(weights[bad[0]])!r} for "
+                                 f"update {bad[0]} (device weights)")
+            status = status[n:]
         flagged = [c for c in range(n) if status[c]]
         if flagged:
             _raise_for_client(self.sources[flagged[0]], flagged[0], [k for g in self.groups for k in g.keys])
@@ -323,8 +344,8 @@ def prepare_weighted_sum_triton(updates: Sequence[Any], keys: Sequence[str] | No
 
 
 def _clip_factors(prepared: PreparedWeightedSum, clip_norm: float) -> torch.Tensor:
-    """``min(1, C / ‖x_k‖)`` per client, computed on the device (inf/NaN norms give 0/NaN factors, which
-    the finiteness check reports)."""
+    """``min(1, C / ‖x_k‖)`` per client, computed on the device (an inf or NaN norm gives a NaN factor,
+    which the finiteness check reports)."""
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     sq = torch.zeros(len(prepared.sources), dtype=torch.float64, device=prepared.device)
@@ -333,7 +354,10 @@ def _clip_factors(prepared: PreparedWeightedSum, clip_norm: float) -> torch.Tens
             if els:  # one fused launch per client and dtype, in fp64: an fp64 key's factor keeps its precision
                 norms = torch._foreach_norm(els, 2, dtype=torch.float64)
                 sq[k] += torch.stack(norms).double().pow(2).sum()
-    return torch.clamp(clip_norm / sq.sqrt(), max=1.0)
+    factors = torch.clamp(clip_norm / sq.sqrt(), max=1.0)
+    # a norm beyond float64 (finite float64 values above ~1e154) would give a factor of 0, silently dropping
+    # that client: NaN instead, which the finiteness check reports as the other backends do
+    return torch.where(torch.isinf(sq), torch.full_like(factors, math.nan), factors)
 
 
 def weighted_sum_many_triton(

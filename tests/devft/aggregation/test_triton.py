@@ -119,6 +119,42 @@ def test_prepared_sum_relaunches_with_new_weights_and_clears_the_flags():
     prepared.raise_if_not_finite(prepared.launch([1.0, 1.0, 1.0]))  # flags were cleared
 
 
+def test_device_weights_are_read_contiguously_and_checked_in_the_one_sync(monkeypatch):
+    # weights already on the device skip the host check; the kernel reads weight k at weights + k, so a column
+    # of a table (stride 2) or an expanded scalar (stride 0) must still give client k its own weight, and a
+    # NaN weight must be named, not reported as an overflow of finite inputs
+    if DEVICE.type == "cpu":  # under the interpreter, CPU tensors stand in for device ones: the same branch
+        monkeypatch.setattr(triton_wsum.PreparedWeightedSum, "on_device",
+                            lambda self, weights: isinstance(weights, torch.Tensor))
+    updates = on_device(make_updates(3, [(500,), (6, 6)], torch.float32, seed=5))
+    prepared = triton_wsum.prepare_weighted_sum_triton(updates)
+    # float32, the inputs' accumulation dtype: the launch converts (and so copies) nothing
+    table = torch.tensor([[0.2, 9.0], [0.3, 7.0], [0.5, 5.0]], dtype=torch.float32, device=DEVICE)
+    for weights in (table[:, 0], torch.tensor(0.25, dtype=torch.float32, device=DEVICE).expand(3)):
+        assert weights.stride(0) != 1
+        flats = prepared.launch(weights)
+        prepared.raise_if_not_finite(flats)
+        expected = independent(updates, weights.tolist())
+        for group, flat in flats:
+            for key, n, off in zip(group.keys, group.numels, group.offsets):
+                torch.testing.assert_close(flat[off : off + n].double().cpu(), expected[key].reshape(-1),
+                                           atol=1e-6, rtol=1e-6)
+    bad = table[:, 0].clone()
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match=r"weights must be finite, got nan for update 1 \(device weights\)"):
+        prepared.raise_if_not_finite(prepared.launch(bad))
+    prepared.raise_if_not_finite(prepared.launch(table[:, 0]))  # each launch's weights are checked anew
+
+
+def test_triton_clipping_of_a_norm_beyond_float64_is_reported_like_the_other_backends():
+    # finite float64 values whose squared norm overflows: a clip factor of 0 would drop the client silently
+    updates = [{"x": torch.full((4,), 1e200, dtype=torch.float64)}, {"x": torch.ones(4, dtype=torch.float64)}]
+    for backend in ("reference", "torch", "triton"):
+        chosen = on_device(updates) if backend == "triton" else updates
+        with pytest.raises(NonFiniteUpdateError, match="overflow"):
+            weighted_sum_many(chosen, [0.5, 0.5], clip_norm=1.0, backend=backend)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="records live in host memory; compiled kernels read the device's")
 def test_triton_reads_packed_payloads_as_one_run_per_client():
     pytest.importorskip("flwr")
