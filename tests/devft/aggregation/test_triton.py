@@ -33,16 +33,10 @@ def on_device(updates):
     return [{k: v.to(DEVICE) for k, v in u.items()} for u in updates]
 
 
-# the interpreter runs each program in Python: without a GPU the long-runs case is left out and the
-# many-tiny-tensors case cut to 100 tensors; compiled on a GPU, every case runs whole
-TRITON_CASES = dict(CASES) if DEVICE.type == "cuda" else {
-    **{k: v for k, v in CASES.items() if k != "long_runs"}, "many_tiny_tensors": (4, CASES["many_tiny_tensors"][1][:100])}
-
-
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
-@pytest.mark.parametrize("case", sorted(TRITON_CASES))
+@pytest.mark.parametrize("case", sorted(CASES))  # every case whole, interpreted too (≤ 5 s each)
 def test_triton_matches_independent_formula(case, dtype, atol, rtol):
-    clients, shapes = TRITON_CASES[case]
+    clients, shapes = CASES[case]
     updates = make_updates(clients, shapes, dtype, seed=11)
     weights = weights_for(clients)
     expected = independent(updates, weights)
