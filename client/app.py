@@ -35,6 +35,7 @@ from client.runtime import (
     load_run_config,
     local_partition,
     partition_id,
+    rebuilt_frozen,
     received_rank,
     save_personal,
     stage_model,
@@ -86,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer, plan = stage_model(config, str(cfg["plan"]), rank=config.lora.rank_of(pid))
     rule = aggregation_rule(config)
     downlink = _arrays_to_state(msg.content["arrays"])
+    if "frozen-digest" in cfg:  # FFA-LoRA's A is not sent: rebuilt from the seed and the plans, then checked
+        downlink.update(rebuilt_frozen(config, rule, cfg, plan))
     # Clients keep nothing but personal parts between rounds: everything the rule sends must be here.
     expected = rule.downlink(ServerState(lora=dict(lora_state(model))), full=True)
     missing = sorted(set(expected) - set(downlink))

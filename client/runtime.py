@@ -15,7 +15,9 @@ reads the newest one written before a given round (so a resumed run that repeats
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,10 +31,11 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from devft.aggregation import AggregationRule, get_rule
+from devft.aggregation.client_side import frozen_parts, lora_digest
 from devft.config import RunConfig, config_from_flat
 from devft.data import Example, FederatedData, build_federated_data
-from devft.growth import GrowthPlan, PersonalLoRA, build_submodel
-from devft.models import LoadedModel, attach_lora, cache_root, load_model
+from devft.growth import GrowthPlan, PersonalLoRA, build_submodel, untrained_lora_for_plan
+from devft.models import LoadedModel, LoraState, attach_lora, cache_root, load_model, lora_state
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,11 @@ _data: dict[str, FederatedData] = {}
 # rebuilds it when the rank changes: 0.06-0.5 s on SmolLM2, where keeping one model per rank raised the
 # process's peak RSS by 0.65 GB over six training calls (measured; docs/federated.md)
 _stage: dict[str, tuple[PeftModel, GrowthPlan]] = {}
+_initial_frozen: dict[str, LoraState] = {}  # the full model's seeded initial frozen factors (FFA-LoRA's A)
+
+
+class FrozenMismatchError(ValueError):
+    """The frozen factors this client rebuilt differ from the server's: training on them would not be FFA."""
 
 
 def load_run_config(record: Mapping[str, Any]) -> RunConfig:
@@ -179,6 +187,36 @@ def stage_model(config: RunConfig, plan_json: str, rank: int | None = None
         log.info("stage %d: built %d-layer submodel (LoRA rank %d)", plan.stage, plan.capacity, lora.r)
     model, plan = _stage[key]
     return model, base.tokenizer, plan
+
+
+def initial_frozen(config: RunConfig, rule: AggregationRule) -> LoraState:
+    """The full model's initial LoRA factors that ``rule`` freezes (FFA-LoRA: every A), drawn as the server
+    draws them: a copy of the base model wrapped with fresh LoRA from ``federation.seed`` (the server's
+    ``GlobalModel``). Once per process; the copy is dropped at once."""
+    key = repr((config.model.name, config.model.dtype, config.lora, config.federation.seed, rule.frozen))
+    if key not in _initial_frozen:
+        _initial_frozen.clear()
+        full = attach_lora(copy.deepcopy(base_model(config).model), config.lora, seed=config.federation.seed)
+        _initial_frozen[key] = {k: v.detach().clone() for k, v in frozen_parts(lora_state(full), rule).items()}
+        del full
+    return _initial_frozen[key]
+
+
+def rebuilt_frozen(config: RunConfig, rule: AggregationRule, record: Mapping[str, Any], plan: GrowthPlan) -> LoraState:
+    """The submodel's frozen factors (FFA-LoRA's A) for ``plan``, rebuilt here instead of received: the
+    seeded initial ones fused and transferred through the earlier stages' plans (``plan-history`` in the
+    message), then checked against the server's ``frozen-digest``. Raises :class:`FrozenMismatchError` when
+    they differ (other arithmetic than the server's: set ``federation.rebuild_frozen = false``)."""
+    history = [GrowthPlan.from_json(p) for p in json.loads(str(record["plan-history"]))]
+    rebuilt = untrained_lora_for_plan(initial_frozen(config, rule), history, plan)
+    rebuilt = {k: v.float().contiguous() for k, v in rebuilt.items()}  # as the server's submodel LoRA
+    if lora_digest(rebuilt) != str(record["frozen-digest"]):
+        raise FrozenMismatchError(
+            f"the {len(rebuilt)} frozen LoRA tensors rebuilt for stage {plan.stage} differ from the server's "
+            f"(digest {lora_digest(rebuilt)[:12]} vs {str(record['frozen-digest'])[:12]}): this client's "
+            "arithmetic or base model differs from the server's; set federation.rebuild_frozen = false to "
+            "have the server send them")
+    return rebuilt
 
 
 def received_rank(arrays: Mapping[str, torch.Tensor]) -> int | None:

@@ -71,6 +71,12 @@ class FederationSettings:
         metadata={"help": "LoRA payload layout: packed (one array per dtype + a manifest; fastest to aggregate) or "
                   "arrays (one Flower array per tensor, as ArrayRecord(state_dict) makes)."},
     )
+    rebuild_frozen: bool = field(
+        default=True,
+        metadata={"help": "FFA-LoRA: clients rebuild the frozen A from federation.seed and the stage plans and "
+                  "check it against the server's digest, so only B travels down (needs growth.lora_fusion = "
+                  "factors); false: the server sends A with B every round."},
+    )
     reply_timeout_s: float = field(default=3600.0, metadata={"help": "Seconds a round waits for client replies (> 0)."})
     aggregation_threads: int = field(
         default=1,

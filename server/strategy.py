@@ -50,6 +50,7 @@ from devft.aggregation import (
     record_state,
     wire_record,
 )
+from devft.aggregation.client_side import frozen_parts, lora_digest
 from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
@@ -108,6 +109,7 @@ class RunState:
     elapsed_s: float = 0.0  # wall time of completed rounds (carried across resumes)
     base_delta: dict[str, BaseDelta] = field(default_factory=dict)  # module → cumulative base-weight change
     client_state_key: str = ""  # where clients keep personal state (FedSA-LoRA's B); drawn once per run
+    plans: list[str] | None = field(default_factory=list)  # every stage's plan so far (JSON); None: unknown
 
     def to_payload(self, config: RunConfig) -> dict[str, Any]:
         return {
@@ -120,6 +122,7 @@ class RunState:
             "stage": None if self.stage is None else json.dumps(self.stage.record()),
             "elapsed_s": self.elapsed_s,
             "rng": rng_states(),
+            "plans": None if self.plans is None else json.dumps(self.plans),
         }
 
     @classmethod
@@ -139,6 +142,8 @@ class RunState:
             elapsed_s=float(payload["elapsed_s"]),
             base_delta=ServerState.from_tensors(payload.get("base_delta", {})).base_delta,
             client_state_key=str(payload.get("client_state_key", "")),
+            # a checkpoint from before the plans were kept: clients cannot rebuild FFA's A, the server sends it
+            plans=None if payload.get("plans") is None else list(json.loads(payload["plans"])),
         )
 
 
@@ -280,6 +285,7 @@ class DevFTStrategy(Strategy):
                 "plan": state.stage.plan.to_json(),
                 "lora-seed": round_lora_seed(self.fed.seed, server_round),
                 "client-state-key": state.client_state_key,
+                **self._frozen_config(),
             }
         )
         messages = self._messages(self._arrays_by_rank(arrays, sampled), record, sampled, MessageType.TRAIN,
@@ -287,6 +293,23 @@ class DevFTStrategy(Strategy):
         self._round.sampled = sampled
         self._round.bytes_down += sum(wire_bytes(m) for m in messages)
         return messages
+
+    def _clients_rebuild_frozen(self) -> bool:
+        """Whether the clients rebuild the parts the rule freezes (FFA-LoRA's A) instead of receiving them:
+        ``federation.rebuild_frozen``, factor-wise LoRA fusion, and every stage's plan known."""
+        state = self._require_state()
+        return (bool(self.rule.frozen) and self.fed.rebuild_frozen and state.plans is not None
+                and state.stage is not None and state.stage.plan.lora_fusion == "factors")
+
+    def _frozen_config(self) -> dict[str, str]:
+        """What a client needs to rebuild the frozen parts: the earlier stages' plans and the digest of what
+        the server would have sent (``devft.aggregation.client_side.lora_digest``)."""
+        state = self._require_state()
+        if not self._clients_rebuild_frozen() or state.sub_lora is None:
+            return {}
+        assert state.plans is not None and state.stage is not None
+        return {"plan-history": json.dumps(state.plans[:-1]),
+                "frozen-digest": lora_digest(frozen_parts(state.sub_lora, self.rule))}
 
     def _arrays_by_rank(self, arrays: ArrayRecord, sampled: list[int]) -> ArrayRecord | dict[int, ArrayRecord]:
         """What each sampled client trains from: ``arrays``, or, with ``lora.client_ranks`` and a rule that
@@ -574,7 +597,9 @@ class DevFTStrategy(Strategy):
         # Base deltas (FLoRA, FedEx-LoRA) are cumulative: a fresh client process is exact from this alone.
         # ProgFed: the submodel's layers' share of the full model's base delta, under the submodel's names.
         sub_delta = self.model.submodel_delta(state.base_delta, plan)
-        downlink = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=sub_delta), full=True)
+        # ... except what the clients rebuild themselves (FFA-LoRA's A: from the seed and the plans)
+        downlink = self.rule.downlink(ServerState(lora=state.sub_lora, base_delta=sub_delta),
+                                      full=not self._clients_rebuild_frozen())
         replies = grid.send_and_receive(
             self.configure_train(server_round, _to_record(downlink, self.fed), ConfigRecord(), grid),
             timeout=timeout,
@@ -652,6 +677,8 @@ class DevFTStrategy(Strategy):
         planned = self.model.plan(stage, state.full_lora)
         state.stage = planned
         state.sub_lora = self.model.submodel_lora(state.full_lora, planned.plan)
+        if state.plans is not None:  # stages in order; a gap (never expected) makes the history unknown
+            state.plans = [*state.plans[:stage], planned.plan.to_json()] if len(state.plans) >= stage else None
         record = planned.record() | {"plan_s": time.perf_counter() - start, "first_round": self.schedule.first_round(stage)}
         self.run_dir.write_stage(stage, record)
         log.info("stage %d: %d of %d layers, groups %s", stage, planned.plan.capacity, self.model.num_layers, planned.plan.groups)

@@ -15,6 +15,7 @@ The building blocks are public too: :func:`load_adapters`, :func:`freeze_lora_A`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 
@@ -130,6 +131,22 @@ def personal_state(model: nn.Module, rule: AggregationRule) -> dict[str, torch.T
     state = lora_state(model)
     return {k: v.detach().cpu().clone() for k, v in state.items()
             if (parts := lora_part(k)) is not None and parts[1] not in rule.uploads}
+
+
+def frozen_parts(state: Mapping[str, torch.Tensor], rule: AggregationRule) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` that ``rule``'s clients never train (FFA-LoRA: every A); empty for most rules."""
+    return {k: v for k, v in state.items() if (parts := lora_part(k)) is not None and parts[1] in rule.frozen}
+
+
+def lora_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over ``state``'s keys (sorted) and values as contiguous float32 bytes: how a client that rebuilds
+    a frozen part itself (FFA-LoRA's A) checks it holds, bit for bit, what the server would have sent."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def prepare_round(

@@ -8,7 +8,7 @@ pristine base model, and knowledge transfer carries LoRA only (docs/design.md §
 | rule  | fedit | progfed | devft | why |
 |-------|-------|---------|-------|-----|
 | fedit | yes | yes | yes | the paper's default |
-| ffa   | yes | yes | yes | A is fused and transferred like B, deterministically; the server sends A with B (``downlink(full=True)``): every round in the Flower app, whose clients keep nothing |
+| ffa   | yes | yes | yes | A is fused and transferred like B, deterministically, so the clients rebuild it from the seed and the plans (``federation.rebuild_frozen``) and only B travels |
 | fedsa | yes | yes | yes | the paper's own ablation (FedSA-LoRA + DevFT); the server fuses and transfers Ā, each client its own B with the stage plan the server sends (``devft.growth.personal``), and keeps its full-model B; factor-wise LoRA fusion only (``svd`` needs B·A in one place) |
 | svd   | yes | yes | yes | plain rank-r LoRA between rounds, as DevFT expects |
 | flora | yes | yes | **no** | merges every round's update into the frozen weights and restarts LoRA from zero: at a DevFT stage boundary the fused base is rebuilt from the pristine weights and only LoRA (now empty) is transferred, so all learning is lost |

@@ -2,11 +2,14 @@
 "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
 Every client initialises A from the same seed and freezes it; ``B̄ = Σ p_k B_k``. Exact, because A is
-common: ``B̄ A = Σ p_k B_k A``. Half FedIT's uplink (B only, ``r · d_out`` per module).
+common: ``B̄ A = Σ p_k B_k A``. Half FedIT's traffic.
 Client: attach LoRA with the shared seed, :func:`~devft.aggregation.client_side.freeze_lora_A`, load B̄,
-train, send B. Down, ``downlink()`` is B alone, for a client that kept A; ``downlink(full=True)`` adds A, for
-a client that keeps nothing, or when A changes (a DevFT stage's A is the fused, later transferred, A of the
-new submodel). devft's Flower clients keep nothing between rounds, so its server sends A and B every round
+train, send B. Down, ``downlink()`` is B alone, for a client that holds A; ``downlink(full=True)`` adds A.
+devft's Flower clients keep nothing between rounds but rebuild A themselves: the seeded initial A of the full
+model, fused and transferred through the stage plans as the server did
+(:func:`devft.growth.untrained_lora_for_plan`), checked against the server's digest
+(:func:`~devft.aggregation.client_side.lora_digest`). So the server sends B alone, ``r · d_out`` per module
+each way; it sends A too with ``federation.rebuild_frozen = false`` or ``growth.lora_fusion = "svd"``
 (docs/design.md §3).
 """
 

@@ -37,7 +37,7 @@ from devft.growth.submodel import (
     submodel_cache_dir,
     submodel_lora,
 )
-from devft.growth.transfer import TRANSFER_RULES, transfer_lora
+from devft.growth.transfer import TRANSFER_RULES, transfer_lora, untrained_lora_for_plan
 
 __all__ = [
     "FUNCTIONAL_VIEWS",
@@ -82,4 +82,5 @@ __all__ = [
     "submodel_cache_dir",
     "submodel_lora",
     "transfer_lora",
+    "untrained_lora_for_plan",
 ]

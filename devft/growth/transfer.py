@@ -8,7 +8,7 @@ Layers in no group (selection modes ``first`` / ``spaced``) keep their adapters 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,3 +70,22 @@ def _suffixes(state: Mapping[str, torch.Tensor], layer: int, family) -> set[str]
         if parts is not None and parts[1] == layer:
             found.add(parts[2])
     return found
+
+
+def untrained_lora_for_plan(initial: Mapping[str, torch.Tensor], history: Sequence[GrowthPlan],
+                            plan: GrowthPlan) -> LoraState:
+    """The submodel LoRA of ``plan`` for tensors no stage trains (FFA-LoRA's shared A): ``initial`` (the full
+    model's, e.g. its seeded A) fused into every earlier stage's submodel (``history``, in order) and transferred
+    back, then fused for ``plan``: the same calls the server makes, so the same values, bit for bit, on the
+    same arithmetic. A tensor that training changes cannot be rebuilt this way; nor can one fused through
+    ``lora_fusion = "svd"`` (that fuses B·A, which needs the trained B)."""
+    from devft.growth.submodel import submodel_lora
+
+    for stage_plan in (*history, plan):
+        if stage_plan.lora_fusion != "factors":
+            raise ValueError(f"stage {stage_plan.stage} fuses LoRA with lora_fusion={stage_plan.lora_fusion!r}: "
+                             "an untrained factor is rebuilt only through lora_fusion='factors'")
+    full: LoraState = dict(initial)
+    for stage_plan in history:
+        full = transfer_lora(full, submodel_lora(full, stage_plan), stage_plan)
+    return submodel_lora(full, plan)

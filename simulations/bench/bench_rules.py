@@ -14,9 +14,10 @@ its 30 layers, rank ``--rank``), it runs ``--rounds`` rounds the way the Flower 
 - ``aggregate_s``: ``rule.aggregate(state, replies, num_examples)``, what the server's rows record as
   ``aggregate_s`` (validation of the replies against the state, the rule, and the finiteness check of the
   new state);
-- ``downlink_s``: building the next train message's record from the new state (``rule.downlink(full=True)``, as
-  the strategy sends it to clients that keep nothing between rounds, then packing), once a round; ``down_mib``:
-  its size, per client message.
+- ``downlink_s``: building the next train message's record from the new state, as the strategy sends it by
+  default to clients that keep nothing between rounds (``rule.downlink(full=True)``; for FFA-LoRA B alone,
+  since its clients rebuild the shared A: ``federation.rebuild_frozen``), then packing, once a round;
+  ``down_mib``: its size, per client message.
 
 FLoRA and FedEx-LoRA fold each round into a base delta that grows until it is dense, so their cost rises
 over the first rounds; the line per (rule, clients) prints round 1 and the median of the rounds after it.
@@ -86,7 +87,7 @@ def bench_rule(name: str, clients: int, rank: int, rounds: int, layers: int | No
         state = rule.aggregate(state, replies, weights)
         aggregate_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        record = pack_arrayrecord(rule.downlink(state, full=True))  # a Flower client keeps nothing: all of it
+        record = pack_arrayrecord(rule.downlink(state, full=not rule.frozen))  # all but what clients rebuild
         downlink_s.append(time.perf_counter() - start)
         down_bytes = sum(len(array.data) for array in record.values())
         del replies, record
