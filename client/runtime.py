@@ -167,6 +167,7 @@ def clear_process_caches() -> None:
     _bases.clear()
     _data.clear()
     _stage.clear()
+    _initial_frozen.clear()
 
 
 def stage_model(config: RunConfig, plan_json: str, rank: int | None = None
@@ -191,22 +192,31 @@ def stage_model(config: RunConfig, plan_json: str, rank: int | None = None
 
 def initial_frozen(config: RunConfig, rule: AggregationRule) -> LoraState:
     """The full model's initial LoRA factors that ``rule`` freezes (FFA-LoRA: every A), drawn as the server
-    draws them: a copy of the base model wrapped with fresh LoRA from ``federation.seed`` (the server's
-    ``GlobalModel``). Once per process; the copy is dropped at once."""
+    draws them: the base model wrapped with fresh LoRA from ``federation.seed`` (the server's ``GlobalModel``),
+    in a copy of its module tree that shares the weights (peft replaces modules of the copy; the base model's
+    own tree and ``requires_grad`` flags stay as they were). Once per process."""
     key = repr((config.model.name, config.model.dtype, config.lora, config.federation.seed, rule.frozen))
     if key not in _initial_frozen:
         _initial_frozen.clear()
-        full = attach_lora(copy.deepcopy(base_model(config).model), config.lora, seed=config.federation.seed)
-        _initial_frozen[key] = {k: v.detach().clone() for k, v in frozen_parts(lora_state(full), rule).items()}
-        del full
+        base = base_model(config).model
+        tensors = (*base.parameters(), *base.buffers())
+        flags = [(p, p.requires_grad) for p in base.parameters()]
+        try:
+            full = attach_lora(copy.deepcopy(base, {id(t): t for t in tensors}), config.lora,
+                               seed=config.federation.seed)
+            _initial_frozen[key] = {k: v.detach().clone() for k, v in frozen_parts(lora_state(full), rule).items()}
+        finally:
+            for param, flag in flags:
+                param.requires_grad_(flag)
     return _initial_frozen[key]
 
 
 def rebuilt_frozen(config: RunConfig, rule: AggregationRule, record: Mapping[str, Any], plan: GrowthPlan) -> LoraState:
     """The submodel's frozen factors (FFA-LoRA's A) for ``plan``, rebuilt here instead of received: the
     seeded initial ones fused and transferred through the earlier stages' plans (``plan-history`` in the
-    message), then checked against the server's ``frozen-digest``. Raises :class:`FrozenMismatchError` when
-    they differ (other arithmetic than the server's: set ``federation.rebuild_frozen = false``)."""
+    message), then checked against the server's ``frozen-digest`` and rounded through ``federation.wire_dtype``
+    as the tensors the server would have sent. Raises :class:`FrozenMismatchError` when they differ (other
+    arithmetic than the server's: set ``federation.rebuild_frozen = false``)."""
     history = [GrowthPlan.from_json(p) for p in json.loads(str(record["plan-history"]))]
     rebuilt = untrained_lora_for_plan(initial_frozen(config, rule), history, plan)
     rebuilt = {k: v.float().contiguous() for k, v in rebuilt.items()}  # as the server's submodel LoRA
@@ -216,7 +226,8 @@ def rebuilt_frozen(config: RunConfig, rule: AggregationRule, record: Mapping[str
             f"(digest {lora_digest(rebuilt)[:12]} vs {str(record['frozen-digest'])[:12]}): this client's "
             "arithmetic or base model differs from the server's; set federation.rebuild_frozen = false to "
             "have the server send them")
-    return rebuilt
+    wire = _DTYPES[config.federation.wire_dtype]
+    return {k: v.to(wire).float() for k, v in rebuilt.items()}  # float16 on the wire: trains as a sent A would
 
 
 def received_rank(arrays: Mapping[str, torch.Tensor]) -> int | None:

@@ -560,13 +560,13 @@ class DevFTStrategy(Strategy):
             rows = self.run_dir.truncate_metrics(self.state.round)
             log.info("resuming after round %d of %d", self.state.round, self.schedule.total_rounds)
             return rows
-        if initial_arrays is not None:
-            full = record_state(initial_arrays)
-        else:
-            full = self.model.initial_lora()
+        seeded = self.model.initial_lora()
+        full = seeded if initial_arrays is None else record_state(initial_arrays)
         initial = self.rule.init_state(full)  # FLoRA folds a non-zero initial B·A into the base delta
+        # clients rebuild frozen parts (FFA-LoRA's A) from the seed: not a caller's own initial ones
+        frozen_seeded = lora_digest(frozen_parts(full, self.rule)) == lora_digest(frozen_parts(seeded, self.rule))
         self.state = RunState(round=0, full_lora=initial.lora, base_delta=initial.base_delta,
-                              client_state_key=uuid.uuid4().hex)
+                              client_state_key=uuid.uuid4().hex, plans=[] if frozen_seeded else None)
         return []
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from server.checkpoint import load_checkpoint
 
@@ -16,23 +17,35 @@ def _rows(out):
 
 
 def _a_bytes(config, layers: int) -> int:
-    """Float32 bytes of the submodel's A (every module of a smoke layer: r × d_in)."""
+    """Wire bytes of the submodel's A (every module of a smoke layer: r × d_in)."""
     hidden, inter = 64, 128  # tiny-llama: d_in of q, k, v, o, gate, up is the hidden size, of down the MLP's
-    return 4 * config.lora.r * (6 * hidden + inter) * layers
+    itemsize = 2 if config.federation.wire_dtype == "float16" else 4
+    return itemsize * config.lora.r * (6 * hidden + inter) * layers
 
 
-@pytest.mark.parametrize("method", ["devft", "progfed"])
-def test_ffa_clients_rebuild_a_and_train_exactly_as_when_it_is_sent(smoke_config, run_inprocess, tmp_path, method):
+CASES = {
+    "devft": ({}, [4, 4, 8, 8]),
+    "progfed": ({"federation.method": "progfed"}, [4, 4, 8, 8]),
+    # three stages: the history the clients replay holds two plans
+    "devft-3-stages": ({"growth.capacities": [2, 4, 8], "federation.num_rounds": 3}, [2, 4, 8]),
+    # float16 on the wire: the rebuilt A is rounded as a sent one would be
+    "devft-float16": ({"federation.wire_dtype": "float16"}, [4, 4, 8, 8]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ffa_clients_rebuild_a_and_train_exactly_as_when_it_is_sent(smoke_config, run_inprocess, tmp_path, case):
+    overrides, layers = CASES[case]
     runs = {}
     for rebuild in (True, False):
-        config = smoke_config(federation__aggregation="ffa", federation__method=method,
-                              federation__rebuild_frozen=rebuild)
+        config = smoke_config(**{k.replace(".", "__"): v for k, v in overrides.items()},
+                              federation__aggregation="ffa", federation__rebuild_frozen=rebuild)
         out = tmp_path / f"rebuild-{rebuild}"
         run_inprocess(config, out)
         runs[rebuild] = (config, out)
     (config, fast), (_, slow) = runs[True], runs[False]
     rebuilt, sent = _rows(fast), _rows(slow)
-    assert [r["submodel_layers"] for r in rebuilt] == [4, 4, 8, 8]  # two stages: A fused, transferred, fused
+    assert [r["submodel_layers"] for r in rebuilt] == layers
     for a, b in zip(rebuilt, sent):
         assert a["clients_ok"] == b["clients_ok"] == 2
         assert a["train_loss"] == b["train_loss"] and a.get("eval_loss") == b.get("eval_loss"), a["round"]
@@ -42,6 +55,40 @@ def test_ffa_clients_rebuild_a_and_train_exactly_as_when_it_is_sent(smoke_config
         assert 2 * (a_bytes - 4096) <= saved <= 2 * (a_bytes + 128 * a_keys)
     full, reference = load_checkpoint(fast / "checkpoint")["full_lora"], load_checkpoint(slow / "checkpoint")["full_lora"]
     assert all(torch.equal(full[k], reference[k]) for k in reference)
+
+
+def test_a_resumed_run_rebuilds_a_from_the_plans_it_kept(smoke_config, run_inprocess, tmp_path):
+    # three stages of two rounds; stopped mid-stage (after round 3) and at a stage boundary (after round 4),
+    # each time resumed by a fresh client process: every client rebuilds A and the run ends where an
+    # uninterrupted one ends
+    from client.runtime import clear_process_caches
+
+    config = smoke_config(federation__aggregation="ffa", growth__capacities=[2, 4, 8], federation__num_rounds=6,
+                          federation__eval_every=6)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(n):
+        def hook(row):
+            if row["round"] == n:
+                raise Killed
+        return hook
+
+    run_inprocess(config, tmp_path / "whole")
+    for n in (3, 4):
+        with pytest.raises(Killed):
+            run_inprocess(config, tmp_path / "stopped", on_round=[kill_after(n)], **({"resume": True} if n == 4 else {}))
+        clear_process_caches()
+    run_inprocess(config, tmp_path / "stopped", resume=True)
+    whole, stopped = _rows(tmp_path / "whole"), _rows(tmp_path / "stopped")
+    assert [r["clients_ok"] for r in stopped] == [2] * 6 and [r["submodel_layers"] for r in stopped] == [2, 2, 4, 4, 8, 8]
+    assert [r["train_loss"] for r in stopped] == [r["train_loss"] for r in whole]
+    # after each resume A still stays on the clients (the plans came back with the checkpoint)
+    assert all(abs(r["bytes_down"] - w["bytes_down"]) < 64 for r, w in zip(stopped, whole))
+    assert stopped[-1]["eval_loss"] == whole[-1]["eval_loss"]
+    plans = load_checkpoint(tmp_path / "stopped" / "checkpoint")["plans"]
+    assert [json.loads(p)["capacity"] for p in json.loads(plans)] == [2, 4, 8]
 
 
 def test_a_client_whose_rebuilt_a_differs_is_a_named_failure(smoke_config, run_inprocess, tmp_path, monkeypatch):
@@ -91,6 +138,12 @@ def test_rebuilding_needs_factor_wise_fusion_and_known_plans(smoke_config, priva
     strategy.state = RunState(round=0, full_lora=full)
     strategy._start_stage(0)
     assert strategy._clients_rebuild_frozen() and json.loads(strategy._frozen_config()["plan-history"]) == []
+    # a caller's own initial A (``start(initial_arrays=...)``) is not what clients draw from the seed: sent
+    own = {k: 0.5 * v if ".lora_A." in k else v for k, v in full.items()}
+    strategy._initialise(ArrayRecord(own))
+    assert strategy.state.plans is None
+    strategy._initialise(ArrayRecord({k: v.clone() for k, v in full.items()}))  # the seeded A after all: rebuilt
+    assert strategy.state.plans == []
 
 
 @pytest.mark.slow
