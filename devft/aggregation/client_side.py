@@ -10,7 +10,8 @@ Two calls per round cover every rule:
   :mod:`devft.growth.personal` fuses it for each submodel and writes it back into the full model's.
 
 The building blocks are public too: :func:`load_adapters`, :func:`freeze_lora_A`, :func:`reinit_lora`,
-:func:`set_base_delta`, :func:`personal_state`.
+:func:`set_base_delta`, :func:`personal_state`, and, for a client that rebuilds what a rule freezes instead of
+receiving it (FFA-LoRA's A), :func:`frozen_parts` and :func:`lora_digest`.
 """
 
 from __future__ import annotations
