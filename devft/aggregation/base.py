@@ -204,7 +204,8 @@ class AggregationRule:
 
     Attributes describe the rule: ``uploads`` (LoRA parts a client sends), ``downloads`` (LoRA parts the
     server sends to a client that kept the rest; ``full_downloads`` to one that keeps nothing, or in the first
-    round of a stage: devft's Flower server sends these every round), ``exact`` (whether the new
+    round of a stage: devft's Flower server sends these every round, less the ``frozen`` parts its clients
+    rebuild), ``exact`` (whether the new
     global model equals the example-weighted average of the clients' models; ``None`` when there is no
     single global model), ``heterogeneous_ranks`` (clients may use different ranks), ``changes_base``
     (the rule folds updates into the frozen base weights), ``personalised`` (clients keep parts of their
@@ -356,7 +357,8 @@ class AggregationRule:
                       *, full: bool = False, rank: int | None = None, wire_format: str = "arrays") -> tuple[int, int]:
         """``(up, down)`` bytes per client this round, as Flower counts the serialised records in
         ``wire_format`` (``arrays``: one array per tensor; ``packed``: :mod:`devft.aggregation.packed`);
-        ``full`` and ``rank`` as in :meth:`downlink` (devft's Flower server sends ``full=True`` every round)."""
+        ``full`` and ``rank`` as in :meth:`downlink` (devft's Flower server sends ``full=True`` every round, except
+        to FFA-LoRA's clients, which rebuild A: ``federation.rebuild_frozen``)."""
         count = {"arrays": payload_nbytes, "packed": packed_nbytes}.get(wire_format)
         if count is None:
             raise ValueError(f"unknown wire_format={wire_format!r}; choose 'arrays' or 'packed'")

@@ -381,8 +381,8 @@ def test_finite_replies_whose_aggregate_overflows_raise_and_leave_the_state(name
      ("flora", "AB", "", ""), ("fedex", "AB", "AB", "AB")],
 )
 def test_bytes_follow_the_real_payloads(name, up_parts, down_parts, full_down_parts, start):
-    # down: to a client that kept what it was sent before; full: to one that keeps nothing (devft's Flower
-    # clients, every round: FFA's shared A travels too)
+    # down: to a client that holds the rest (devft's FFA clients rebuild A); full: to one that keeps nothing
+    # and rebuilds nothing
     rule = get_rule(name, alpha=ALPHA)
     replies = [rule.client_payload(trained(start, 900 + k, keep_a=(name == "ffa"))) for k in range(2)]
     state = rule.aggregate(rule.init_state(start), replies, [1, 1])
