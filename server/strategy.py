@@ -109,7 +109,7 @@ class RunState:
     elapsed_s: float = 0.0  # wall time of completed rounds (carried across resumes)
     base_delta: dict[str, BaseDelta] = field(default_factory=dict)  # module → cumulative base-weight change
     client_state_key: str = ""  # where clients keep personal state (FedSA-LoRA's B); drawn once per run
-    plans: list[str] | None = field(default_factory=list)  # every stage's plan so far (JSON); None: unknown
+    plans: list[str] | None = field(default_factory=list)  # the plans of stages 0, 1, … so far (JSON); None: unknown
 
     def to_payload(self, config: RunConfig) -> dict[str, Any]:
         return {
@@ -296,10 +296,11 @@ class DevFTStrategy(Strategy):
 
     def _clients_rebuild_frozen(self) -> bool:
         """Whether the clients rebuild the parts the rule freezes (FFA-LoRA's A) instead of receiving them:
-        ``federation.rebuild_frozen``, factor-wise LoRA fusion, and every stage's plan known."""
+        ``federation.rebuild_frozen``, factor-wise LoRA fusion, and the plans of every earlier stage known."""
         state = self._require_state()
         return (bool(self.rule.frozen) and self.fed.rebuild_frozen and state.plans is not None
-                and state.stage is not None and state.stage.plan.lora_fusion == "factors")
+                and state.stage is not None and state.stage.plan.lora_fusion == "factors"
+                and len(state.plans) >= state.stage.plan.stage)
 
     def _frozen_config(self) -> dict[str, str]:
         """What a client needs to rebuild the frozen parts: the earlier stages' plans and the digest of what
@@ -308,7 +309,7 @@ class DevFTStrategy(Strategy):
         if not self._clients_rebuild_frozen() or state.sub_lora is None:
             return {}
         assert state.plans is not None and state.stage is not None
-        return {"plan-history": json.dumps(state.plans[:-1]),
+        return {"plan-history": json.dumps(state.plans[: state.stage.plan.stage]),
                 "frozen-digest": lora_digest(frozen_parts(state.sub_lora, self.rule))}
 
     def _arrays_by_rank(self, arrays: ArrayRecord, sampled: list[int]) -> ArrayRecord | dict[int, ArrayRecord]:
