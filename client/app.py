@@ -131,7 +131,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``eval-split = test``, loss and exact match on the run's held-out set (``eval.*`` settings, as the server's
     own evaluation).
 
-    The message may carry a base delta (FLoRA, FedEx-LoRA: applied as ``W₀ + Δ``); a personalised rule
+    The message may carry a base delta (FLoRA, FedEx-LoRA: applied as ``W₀ + Δ``) and may leave out what the
+    client rebuilds (FFA-LoRA's A, as in :func:`train`); a personalised rule
     (FedSA-LoRA) evaluates with this client's own B from its disk, fused for the message's plan when it last
     trained another stage. ``eval-split = test`` evaluates on the run's held-out set instead of the local
     partition (the personalised "global" evaluation).
@@ -144,6 +145,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     rank = received_rank(adapters) or config.lora.rank_of(pid)
     model, tokenizer, plan = stage_model(config, str(cfg["plan"]), rank=rank)
     rule = aggregation_rule(config)
+    if "frozen-digest" in cfg:  # FFA-LoRA's A is not sent: rebuilt as for training
+        adapters.update(rebuilt_frozen(config, rule, cfg, plan))
     set_base_delta(model, deltas)
     if rule.personalised:  # the shared parts from the message (a subset), this client's own from its disk
         load_adapters(model, adapters)

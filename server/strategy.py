@@ -439,7 +439,8 @@ class DevFTStrategy(Strategy):
         state = self._require_state()
         if not self.fed.client_eval or state.stage is None or not self._is_eval_round(server_round):
             return []
-        return self._evaluate_messages(server_round, arrays, config, split="train")
+        frozen = self._frozen_config()  # FFA-LoRA: A is rebuilt by the clients, as for training
+        return self._evaluate_messages(server_round, arrays, ConfigRecord({**dict(config), **frozen}), split="train")
 
     def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, split: str,
                            plan: GrowthPlan | None = None) -> list[Message]:
@@ -617,8 +618,11 @@ class DevFTStrategy(Strategy):
             state.full_lora = self.model.transfer(state.full_lora, state.sub_lora, plan)
 
         if self.fed.client_eval and self._is_eval_round(server_round):
-            # the submodel LoRA and (FLoRA, FedEx-LoRA) the base delta it sits on
+            # the submodel LoRA and (FLoRA, FedEx-LoRA) the base delta it sits on, less what clients rebuild
             sub_with_delta = ServerState(lora=state.sub_lora, base_delta=sub_delta).to_tensors()
+            if self._clients_rebuild_frozen():
+                sub_with_delta = {k: v for k, v in sub_with_delta.items()
+                                  if k not in frozen_parts(sub_with_delta, self.rule)}
             eval_replies = grid.send_and_receive(
                 self.configure_evaluate(server_round, _to_record(sub_with_delta, self.fed), evaluate_config, grid),
                 timeout=timeout,

@@ -30,6 +30,8 @@ CASES = {
     "devft-3-stages": ({"growth.capacities": [2, 4, 8], "federation.num_rounds": 3}, [2, 4, 8]),
     # float16 on the wire: the rebuilt A is rounded as a sent one would be
     "devft-float16": ({"federation.wire_dtype": "float16"}, [4, 4, 8, 8]),
+    # the clients' evaluation of the submodel (rounds 2 and 4) rebuilds A too
+    "devft-client-eval": ({"federation.client_eval": True}, [4, 4, 8, 8]),
 }
 
 
@@ -49,10 +51,17 @@ def test_ffa_clients_rebuild_a_and_train_exactly_as_when_it_is_sent(smoke_config
     for a, b in zip(rebuilt, sent):
         assert a["clients_ok"] == b["clients_ok"] == 2
         assert a["train_loss"] == b["train_loss"] and a.get("eval_loss") == b.get("eval_loss"), a["round"]
+        assert a.get("client_eval_loss") == b.get("client_eval_loss")
         # per message: A's bytes and their manifest entries (packed format, < 128 bytes a key), less the plans
-        # and the digest that travel instead (a few kB)
-        saved, a_bytes, a_keys = b["bytes_down"] - a["bytes_down"], _a_bytes(config, a["submodel_layers"]), 7 * a["submodel_layers"]
-        assert 2 * (a_bytes - 4096) <= saved <= 2 * (a_bytes + 128 * a_keys)
+        # and the digest that travel instead (a few kB); train and evaluate messages alike
+        a_bytes, a_keys = _a_bytes(config, a["submodel_layers"]), 7 * a["submodel_layers"]
+        for part in ("train", "eval"):
+            messages = 2 if part == "train" else (2 if a["eval_bytes_down"] else 0)
+            down = (lambda r: r["bytes_down"] - r["eval_bytes_down"]) if part == "train" else (lambda r: r["eval_bytes_down"])
+            saved = down(b) - down(a)
+            assert messages * (a_bytes - 4096) <= saved <= messages * (a_bytes + 128 * a_keys), (a["round"], part)
+    if config.federation.client_eval:
+        assert [r["client_eval_clients"] for r in rebuilt if "client_eval_loss" in r] == [2, 2]
     full, reference = load_checkpoint(fast / "checkpoint")["full_lora"], load_checkpoint(slow / "checkpoint")["full_lora"]
     assert all(torch.equal(full[k], reference[k]) for k in reference)
 
