@@ -154,9 +154,13 @@ def _weight_grams(
     for name in params[0]:
         gram = np.zeros((num_layers, num_layers))
         flat = [params[i][name].reshape(-1) for i in range(num_layers)]  # views, no copies
+        # a 16-bit dot returns a 16-bit number: float16 overflows past 65 504 (the diagonal of a large layer,
+        # which turned the whole matrix into the identity); widened one pair at a time, so at most two copies
+        wide = (lambda t: t.float()) if flat[0].element_size() < 4 else (lambda t: t)
         for i in range(num_layers):
+            row = wide(flat[i])
             for j in range(i, num_layers):
-                gram[i, j] = gram[j, i] = float(torch.dot(flat[i], flat[j]))
+                gram[i, j] = gram[j, i] = float(torch.dot(row, wide(flat[j])))
         module = name.removesuffix(".weight")
         if adapters and all(module in adapters.get(i, {}) for i in range(num_layers)):
             gram += _lora_terms(

@@ -152,6 +152,29 @@ def test_functional_views_equal_an_independent_computation_from_hidden_states():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("view", ["flat-base", "module-base", "flat", "module"])
+def test_weight_views_of_16_bit_models_with_large_layers(view, dtype, make_lora):
+    """Layers whose squared norm is past float16's largest number (65 504; SmolLM2-135M's largest is at 65 % of
+    it, larger models pass it), even and odd layers sharing opposite directions: the 16-bit model's matrix is
+    the float32 model's, to 16-bit rounding of the weights."""
+    state = make_lora("tiny-llama", SETTINGS)
+    model = load_model("tiny-llama").model
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(128, 64, generator=generator)
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(model)):
+            own = torch.randn(128, 64, generator=generator)
+            layer.mlp.gate_proj.weight.copy_(0.9 * (shared if i % 2 == 0 else -shared) + 3.0 * own)
+    assert float(decoder_layers(model)[0].mlp.gate_proj.weight.double().square().sum()) > 65504
+    lora = {} if view.endswith("-base") else {"lora": state, "lora_scale": SETTINGS.scale}
+    reference = layer_similarity(model, view, **lora)
+    got = layer_similarity(model.to(dtype), view, **lora)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference, atol=2e-3)
+    assert got[0, 2] > got[0, 1] + 0.01  # layers 0 and 2 share a direction, 0 and 1 opposite ones: seen, not lost
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("view", ["hidden", "cka", "update-cka"])
 def test_functional_views_with_lora_run_on_16_bit_models(view, dtype, make_lora):
     # peft keeps LoRA in float32 on a 16-bit model: the added term must not turn the layer's output float32
