@@ -32,6 +32,7 @@ from devft.data import Example
 from devft.growth import (
     GrowthPlan,
     build_submodel,
+    check_same_lora_modules,
     make_plan,
     model_fingerprint,
     plan_stage,
@@ -103,6 +104,8 @@ class GlobalModel:
         self.num_layers = self.loaded.num_layers
         self.schedule = method_schedule(config, self.num_layers)
         self.model = attach_lora(self.loaded.model, config.lora, seed=config.federation.seed)
+        if self.schedule.num_stages > 1:  # stages build submodels: layers fused, selected, transferred into
+            check_same_lora_modules(lora_state(self.model), self.loaded.family, self.num_layers, config.lora.targets)
         # plans name the base model by a fingerprint of its weights, which evaluations with a base delta
         # (FLoRA, FedEx-LoRA) change in place: take it now, from the pristine weights, once per process
         model_fingerprint(self.model)

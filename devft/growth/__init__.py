@@ -4,6 +4,7 @@
 from devft.growth.fusion import (
     FUSION_MODES,
     LORA_FUSION_MODES,
+    check_same_lora_modules,
     fuse_base_layers,
     fuse_lora,
     fuse_tensors,
@@ -63,6 +64,7 @@ __all__ = [
     "build_submodel",
     "calibration_batch",
     "doubling_capacities",
+    "check_same_lora_modules",
     "fuse_base_layers",
     "fuse_lora",
     "fuse_tensors",

@@ -91,6 +91,10 @@ def fuse_lora(
         missing = [i for i in group if i not in by_layer]
         if missing:
             raise KeyError(f"the LoRA state has no adapters for layers {missing} of group {tuple(group)}")
+        for i in group[1:]:  # a module only some members adapt would be dropped from the fused layer
+            if set(by_layer[i]) != set(by_layer[group[0]]):
+                raise KeyError(f"layer {i} has LoRA on {sorted(by_layer[i])}, its group's anchor {group[0]} on "
+                               f"{sorted(by_layer[group[0]])}: a group's layers must adapt the same modules")
         for module, parts in by_layer[group[0]].items():
             members = [by_layer[i].get(module, {}) for i in group]  # anchor first
             for i, member in zip(group, members):
@@ -108,6 +112,22 @@ def fuse_lora(
             for part in sorted(fused):  # A before B
                 out[layer_key(prefix, k, f"{module}.lora_{part}.weight")] = fused[part]
     return out
+
+
+def check_same_lora_modules(state: Mapping[str, torch.Tensor], family: Family, num_layers: int,
+                            targets: Sequence[str] = ()) -> None:
+    """Growth fuses any layers together and transfers LoRA back to every layer of a group, so every decoder
+    layer must carry LoRA on the same modules: ``ValueError`` naming ``lora.targets`` and the first layer
+    that differs from layer 0 otherwise (e.g. a target ``layers.5.mlp.down_proj``)."""
+    by_layer = lora_factors(state, family)
+    first = sorted(by_layer.get(0, {}))
+    for layer in range(num_layers):
+        modules = sorted(by_layer.get(layer, {}))
+        if modules != first:
+            raise ValueError(
+                f"lora.targets={tuple(targets)!r} adapts {modules} in layer {layer} but {first} in layer 0: "
+                "growth fuses layers and transfers LoRA between them, so every decoder layer must adapt the same "
+                "modules (name modules, e.g. 'down_proj', not one layer's); or run federation.method='fedit'")
 
 
 def _fuse_module(

@@ -26,7 +26,9 @@ class LoraSettings:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     targets: tuple[str, ...] = field(
-        default=(), metadata={"help": "Module names to adapt; empty = the family preset (attention + MLP)."}
+        default=(), metadata={"help": "Module names to adapt; empty = the family preset (attention + MLP). With "
+                                      "growth (devft, progfed) every decoder layer must adapt the same modules: "
+                                      "q_proj, not layers.3.self_attn.q_proj."}
     )
     client_ranks: tuple[int, ...] = field(
         default=(),

@@ -3,6 +3,7 @@ nothing planned or built afterwards may see those weights as the base, or copy t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from devft.aggregation.client_side import lora_layers
@@ -43,3 +44,16 @@ def test_a_base_delta_never_leaks_into_plans_or_submodels(smoke_config, private_
     assert not any(hasattr(m, "_devft_pristine_weight") for m in built.modules())  # no hidden copy of W₀ either
     again = resumed.plan(0, resumed.initial_lora()).plan
     assert again == planned
+
+
+def test_growth_refuses_lora_targets_of_one_layer_before_anything_trains(smoke_config, private_env):
+    """``lora.targets`` naming one layer's module: growth would fuse it away or transfer into layers without
+    it, so the server refuses it at start; FedIT, which never fuses, runs with it."""
+    from server.global_model import GlobalModel
+
+    targets = "q_proj,v_proj,layers.3.mlp.down_proj"
+    config = smoke_config(model__name="tiny-llama", lora__targets=targets)
+    with pytest.raises(ValueError, match=r"lora.targets=\('q_proj', 'v_proj', 'layers.3.mlp.down_proj'\) adapts "
+                                         r"\['mlp.down_proj', 'self_attn.q_proj', 'self_attn.v_proj'\] in layer 3"):
+        GlobalModel(config, test=[])
+    GlobalModel(smoke_config(model__name="tiny-llama", lora__targets=targets, federation__method="fedit"), test=[])

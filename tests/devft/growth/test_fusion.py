@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from devft.growth import fuse_base_layers, fuse_lora, fuse_tensors, fusion_weights
+from devft.growth import check_same_lora_modules, fuse_base_layers, fuse_lora, fuse_tensors, fusion_weights
 from devft.models import FAMILIES, LoraSettings, decoder_layers, load_model
 
 LLAMA = FAMILIES["llama"]
@@ -127,3 +127,19 @@ def test_svd_fusion_of_a_large_group_goes_through_the_iterative_solver(monkeypat
     best = (u[:, :2] * s[:2]) @ vh[:2]
     torch.testing.assert_close((b @ a).double(), best, rtol=0, atol=1e-6 * float(best.abs().max()))
     assert a.shape == (2, 64) and b.shape == (64, 2) and a.dtype == b.dtype == torch.float32
+
+
+
+@pytest.mark.parametrize("group", [(3, 5), (0, 3)])  # layer 3 the group's anchor, or not
+def test_a_module_only_one_layer_adapts_is_refused_not_dropped(make_lora, group):
+    """LoRA on layer 3's down_proj alone (as a target ``layers.3.mlp.down_proj`` would give): fusing its group
+    would drop that module from the submodel when layer 3 is not the anchor; refused either way."""
+    state = {k: v for k, v in make_lora("tiny-llama", LoraSettings(r=4)).items()
+             if "mlp.down_proj" not in k or ".layers.3." in k}
+    rest = [(i,) for i in range(8) if i not in group]
+    with pytest.raises(KeyError, match="a group's layers must adapt the same modules"):
+        fuse_lora(state, [group, *rest], LLAMA, "dblf", 0.1)
+    with pytest.raises(ValueError, match=r"lora.targets=\(\) adapts \[.*'mlp.down_proj'.*\] in layer 3 but "
+                       r"\[.*\] in layer 0: growth fuses layers"):
+        check_same_lora_modules(state, LLAMA, 8)
+    check_same_lora_modules(make_lora("tiny-llama", LoraSettings(r=4)), LLAMA, 8)  # every layer the same: fine
