@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from devft.aggregation import InvalidUpdateError, validate_updates
 from devft.aggregation.sources import UnsupportedArrayError, as_source
@@ -67,6 +68,8 @@ def parse_train_reply(
     allowed = WIRE_DTYPES if wire_dtype is None else (wire_dtype,)
     node = reply.metadata.src_node_id
     if reply.has_error():
+        if reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # the node is gone, or its reply expired
+            raise InvalidReply(f"no reply; the SuperLink answered for the node: {reply.error.reason}")
         raise InvalidReply(f"client raised: {reply.error.reason}")
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:

@@ -152,6 +152,7 @@ class _RoundLog:
     """What the hooks of one round learnt, for its metrics row."""
 
     sampled: list[int] = field(default_factory=list)  # partition ids
+    requests: list[Message] = field(default_factory=list)  # the TRAIN messages (their ids are set when pushed)
     bytes_down: int = 0  # every message of the round, evaluation included
     bytes_up: int = 0
     eval_bytes_down: int = 0  # the evaluation messages' share of the above
@@ -291,6 +292,7 @@ class DevFTStrategy(Strategy):
         messages = self._messages(self._arrays_by_rank(arrays, sampled), record, sampled, MessageType.TRAIN,
                                   server_round)
         self._round.sampled = sampled
+        self._round.requests = messages
         self._round.bytes_down += sum(wire_bytes(m) for m in messages)
         return messages
 
@@ -344,10 +346,13 @@ class DevFTStrategy(Strategy):
         expected = self.rule.expected_upload(rule_state)
         replies = list(replies)
         answered = set()
+        # the node each request went to: the SuperLink answers for a lost node under its own id
+        addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in self._round.requests
+                     if m.metadata.message_id}
         for reply in replies:
             size = wire_bytes(reply)
             self._round.bytes_up += size
-            node = reply.metadata.src_node_id
+            node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             pid = self.node_to_partition.get(node)
             if pid not in self._round.sampled or pid in answered:  # Flower pairs replies; this is a backstop
                 why = "a second reply this round" if pid in answered else "a reply from a node not sampled this round"
@@ -623,6 +628,9 @@ class DevFTStrategy(Strategy):
             if self._clients_rebuild_frozen():
                 sub_with_delta = {k: v for k, v in sub_with_delta.items()
                                   if k not in frozen_parts(sub_with_delta, self.rule)}
+            if self.rule.personalised:  # FedSA-LoRA: each client evaluates with its own B, the server's stays here
+                own = set(state.sub_lora) - set(self.rule.downlink(ServerState(lora=state.sub_lora)))
+                sub_with_delta = {k: v for k, v in sub_with_delta.items() if k not in own}
             eval_replies = grid.send_and_receive(
                 self.configure_evaluate(server_round, _to_record(sub_with_delta, self.fed), evaluate_config, grid),
                 timeout=timeout,
@@ -777,7 +785,9 @@ class DevFTStrategy(Strategy):
 
     def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         state = self._require_state()
-        evaluated = [r for r in rows if r.get("eval_loss") is not None]
+        # the last evaluated round, whatever its result: a NaN eval loss (null once re-read on resume) is a final
+        # eval loss of None, not the last finite one before it
+        evaluated = [r for r in rows if self._is_eval_round(int(r["round"]))]
         last = evaluated[-1] if evaluated else {}
         target = self.fed.target_eval_loss
         reached = None
@@ -785,7 +795,8 @@ class DevFTStrategy(Strategy):
             cumulative = {"wall_s": 0.0, "bytes": 0.0, "train_flops": 0.0, "client_train_s": 0.0}
             for row in rows:
                 cumulative["wall_s"] += number(row, "round_wall_s")
-                cumulative["bytes"] += number(row, "bytes_up") + number(row, "bytes_down")
+                cumulative["bytes"] += (number(row, "bytes_up") + number(row, "bytes_down")  # training messages'
+                                        - number(row, "eval_bytes_up") - number(row, "eval_bytes_down"))
                 cumulative["train_flops"] += number(row, "train_flops")
                 cumulative["client_train_s"] += number(row, "client_train_s_sum")
                 if row.get("eval_loss") is not None and row["eval_loss"] <= target:

@@ -533,6 +533,42 @@ def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smok
     assert row["train_flops"] == 0 and row["client_train_s_sum"] == 2.0 and row["skipped"] is None
 
 
+def test_a_reply_the_superlink_gives_for_a_lost_node_is_that_partitions_one_failure(smoke_config, private_env,
+                                                                                     tmp_path):
+    """A SuperNode that dies mid-round: the SuperLink answers its message with an error, sent from the
+    SuperLink's own node id. It is partition 3's failure, counted once, with the SuperLink's reason."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    lost = create_message_error_unavailable_res_message(by_pid[3].metadata, "node_unavail")
+    assert lost.metadata.src_node_id not in strategy.node_to_partition
+    replies = [_reply(by_pid[p], ones, 10, p) for p in range(3)] + [lost]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients-ok"] == 3
+    row = strategy._row(1, 0, 4, 1.0, 0.0, {}, False)
+    assert (row["clients_sampled"], row["clients_ok"], row["clients_failed"]) == (4, 3, 1)
+    assert row["failures"] == [{"partition": 3, "reason": "no reply; the SuperLink answered for the node: "
+                                + lost.error.reason}]
+
+
+@pytest.mark.parametrize("lost", [float("nan"), None])  # NaN in the running process, null once re-read on resume
+def test_the_summarys_final_eval_is_the_last_evaluated_round_even_when_it_diverged(smoke_config, private_env,
+                                                                                  tmp_path, lost):
+    """A run whose last evaluation gave NaN ended without a final eval loss, in the process that ran it and in
+    one resumed from its rows alike; its cost to the target counts the training messages alone."""
+    strategy, _, _ = _strategy_in_round_one(smoke_config, tmp_path, federation__target_eval_loss=3.0)
+    assert strategy.fed.eval_every == 2 and strategy.schedule.total_rounds == 4
+    rows = [{"round": r, "eval_loss": None, "bytes_up": 100, "bytes_down": 100, "eval_bytes_up": 10 * (r % 2 == 0),
+             "eval_bytes_down": 30 * (r % 2 == 0), "round_wall_s": 1.0, "train_loss": 1.0} for r in (1, 2, 3, 4)]
+    rows[1]["eval_loss"], rows[3]["eval_loss"] = 2.5, lost
+    summary = strategy._summary(rows)
+    final = summary["final"]["eval_loss"]
+    assert summary["final"]["round"] == 4 and (final is None or math.isnan(final))
+    assert summary["to_target"]["round"] == 2 and summary["to_target"]["bytes"] == 4 * 100 - 40
+    assert summary["totals"]["bytes_up"] == 400 and summary["totals"]["eval_bytes_down"] == 60
+
+
 @pytest.mark.parametrize("rule,method", [("flora", "fedit"), ("fedex", "fedit"), ("svd", "fedit")])
 def test_an_aggregate_that_overflows_is_skipped_and_the_model_keeps_its_state(
         rule, method, smoke_config, private_env, tmp_path):
@@ -912,6 +948,19 @@ def test_fedsa_runs_with_every_method_but_not_with_devfts_svd_lora_fusion(smoke_
                                     growth__lora_fusion="svd")).personalised  # ProgFed fuses nothing
     with pytest.raises(ValueError, match=r"growth.lora_fusion='svd' with federation.aggregation='fedsa'"):
         method_rule(smoke_config(federation__aggregation="fedsa", growth__lora_fusion="svd"))
+
+
+def test_fedsa_client_eval_sends_the_clients_a_alone(smoke_config, private_env, one_thread, tmp_path):
+    """``federation.client_eval`` under FedSA-LoRA: each client evaluates the submodel with its own B, so the
+    evaluation message carries the shared A only, as the training message does."""
+    config = smoke_config(federation__aggregation="fedsa", federation__client_eval=True)
+    grid = run_recorded(config, tmp_path / "run")
+    local = [m for m, _ in grid.pairs if m.metadata.message_type == MessageType.EVALUATE
+             and m.content["config"]["eval-split"] == "train"]
+    assert local and all(record_tensors(m.content["arrays"]) and all(".lora_A." in k for k in
+                         record_tensors(m.content["arrays"])) for m in local)
+    evaluated = [r for r in rows(tmp_path / "run") if r.get("client_eval_loss") is not None]
+    assert evaluated and all(math.isfinite(r["client_eval_loss"]) for r in evaluated)
 
 
 @pytest.mark.parametrize(("method", "rounds", "stages"), [("devft", 4, [0, 0, 1, 1]), ("progfed", 2, [0, 1])])
