@@ -66,6 +66,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     config without ``--seeds``, else one per seed and config, seed by seed (so an interrupted comparison
     holds complete seeds)."""
     from devft.config import load_config, parse_overrides
+    from devft.reports.setting import check_same_setting
 
     overrides = parse_overrides(args.set or [])
     names = [Path(p).stem for p in args.configs]
@@ -74,8 +75,10 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     if args.seeds is None:
         if args.seed_key:
             raise ValueError("--seed-key names what --seeds varies; give --seeds too")
+        runs = [(name, None, load_config(p, overrides)) for name, p in zip(names, args.configs)]
+        check_same_setting({name: config for name, _, config in runs}, args.vary or ())
         _refuse_the_other_layout(Path(args.out), names, seeded=False)
-        return [(name, None, load_config(p, overrides)) for name, p in zip(names, args.configs)]
+        return runs
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
     keys = tuple(args.seed_key or SEED_KEYS)
@@ -91,6 +94,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
         value = getattr(getattr(runs[0][2], section), field)
         if not field.endswith("seed") or isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"--seed-key {key!r} is not a seed (an integer key named *seed)")
+    check_same_setting({name: config for name, seed, config in runs if seed == args.seeds[0]}, args.vary or ())
     return runs
 
 
@@ -125,12 +129,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             if stop.is_set() and i + 1 < len(runs):  # the Ctrl-C came in a run's last round
                 raise RunStopped(f"stopped on request after {label} completed; the same command with --reuse "
                                  "continues with the other runs")
+    targets = {config.federation.target_eval_loss for _, _, config in runs}
+    target = args.target_eval_loss or (targets.pop() if len(targets) == 1 else 0.0)
     if args.seeds is None:
         table = write_comparison([d for group in run_dirs.values() for d in group.values()], out,
-                                 target_eval_loss=args.target_eval_loss)
+                                 target_eval_loss=target)
     else:
-        table = write_seed_comparison(run_dirs, out, seed_keys=args.seed_key or SEED_KEYS,
-                                      target_eval_loss=args.target_eval_loss)
+        table = write_seed_comparison(run_dirs, out, seed_keys=args.seed_key or SEED_KEYS, target_eval_loss=target)
     print(table.read_text())
     print(f"comparison: {table}")
     return 0
@@ -245,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", help="TOML configs, one per method")
     p.add_argument("--out", required=True, help="directory for the runs and comparison.md")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every config")
-    p.add_argument("--target-eval-loss", type=float, default=0.0, help="cost-to-target threshold (default: worst final)")
+    p.add_argument("--target-eval-loss", type=float, default=0.0,
+                   help="cost-to-target threshold (default: the configs' federation.target_eval_loss where they "
+                        "share one > 0, else the worst final eval loss)")
+    p.add_argument("--vary", action="append", metavar="KEY",
+                   help="a key of the setting (model, data, train, eval, federation.num_rounds / clients_per_round "
+                        "/ seed / eval_every) the configs may differ in, repeatable; without it such a difference "
+                        "is refused before anything runs")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs already in --out (refused if their config differs); without it, "
                         "finished runs are run again and interrupted runs of the same config resumed")

@@ -55,9 +55,7 @@ _COMPARISON_AXES = (
     ("round", "round", lambda r: [float(x["round"]) for x in r.rounds]),
     ("client_flops", "cumulative client training FLOPs", lambda r: r.cumulative("train_flops")),
     ("client_seconds", "cumulative client training seconds", lambda r: r.cumulative("client_train_s_sum")),
-    ("bytes", "cumulative bytes (up + down, MiB)", lambda r: [
-        (u + d) / 2**20 for u, d in zip(r.cumulative("bytes_up"), r.cumulative("bytes_down"))
-    ]),
+    ("bytes", "cumulative training bytes (up + down, MiB)", lambda r: [b / 2**20 for b in r.training_bytes()]),
 )
 
 
@@ -66,6 +64,11 @@ def _eval_points(run: RunRecords, xfun) -> dict[int, tuple[float, float]]:
     xs = xfun(run)
     return {int(row["round"]): (xs[i], float(row["eval_loss"])) for i, row in enumerate(run.rounds)
             if row.get("eval_loss") is not None}
+
+
+def _legend(label: str, runs: list[RunRecords]) -> str:
+    """A line's label, marked when its eval loss is of the clients' own models rather than the global one."""
+    return f"{label}, clients' own models" if any(run.personalised_eval for run in runs) else label
 
 
 def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None) -> list[Path]:
@@ -91,7 +94,7 @@ def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
             by_round = _eval_points(run, xfun)
             pts = [by_round[r] for r in sorted(by_round)]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=run.label, markersize=3)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=_legend(run.label, [run]), markersize=3)
 
     return _comparison_figures(draw, out_dir)
 
@@ -110,7 +113,7 @@ def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path) -> 
             xs = [sum(p[r][0] for p in points) / len(points) for r in rounds]
             ys = [[p[r][1] for p in points] for r in rounds]
             line, = ax.plot(xs, [sum(y) / len(y) for y in ys], "-o", markersize=3,
-                            label=f"{name} (mean of {len(runs)})")
+                            label=_legend(f"{name} (mean of {len(runs)})", runs))
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
 
     return _comparison_figures(draw, out_dir, legend_title="band: lowest to highest seed")

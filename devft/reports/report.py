@@ -7,7 +7,16 @@ from pathlib import Path
 
 from devft.reports.plots import plot_comparison, plot_run
 from devft.reports.runs import read_run
-from devft.reports.tables import default_target, fmt, mib, run_table, write_comparison_file
+from devft.reports.setting import differences_section
+from devft.reports.tables import (
+    BYTES_NOTE,
+    default_target,
+    eval_kind_note,
+    fmt,
+    mib,
+    run_table,
+    write_comparison_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,11 @@ def write_report(run_dir: str | Path) -> Path:
                 f"- totals: {mib(totals.get('bytes_up'))} MiB up, {mib(totals.get('bytes_down'))} MiB down, "
                 f"{fmt(totals.get('train_flops'), '.3e')} client training FLOPs, "
                 f"{fmt(totals.get('client_train_s'), '.1f')} client training seconds"
+            )
+        if totals and (totals.get("eval_bytes_up") or totals.get("eval_bytes_down")):
+            lines.append(
+                f"- of those bytes, evaluation messages: {mib(totals.get('eval_bytes_up'))} MiB up, "
+                f"{mib(totals.get('eval_bytes_down'))} MiB down (the rest is training)"
             )
         if totals and any(k in totals for k in ("clients_failed", "rounds_skipped", "updates_clipped")):
             lines.append(
@@ -86,7 +100,8 @@ def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eva
     for run in runs:
         run.summary = {**run.summary, "label": run.path.name}
     target_eval_loss = default_target(runs, target_eval_loss)
-    lines = ["# devft comparison", "",
-             f"Target eval loss: {target_eval_loss:.4g} (the cost columns are to first reach it; — = never reached).",
-             ""] + run_table(runs, target_eval_loss)
+    lines = ["# devft comparison", ""] + differences_section({run.label: run.path for run in runs}) + [
+             f"Target eval loss: {target_eval_loss:.4g} (the cost columns are to first reach it; — = never reached). "
+             f"{BYTES_NOTE}", ""] + run_table(runs, target_eval_loss)
+    lines += eval_kind_note({run.label: run.personalised_eval for run in runs})
     return write_comparison_file(out_dir, lines, plot_comparison(runs, out_dir / "plots"))

@@ -22,6 +22,13 @@ class RunRecords:
     def label(self) -> str:
         return str(self.summary.get("label") or self.summary.get("method") or self.path.name)
 
+    @property
+    def personalised_eval(self) -> bool:
+        """Whether ``eval_loss`` is the mean of the sampled clients' own (personalised) models, as FedSA-LoRA's
+        is, rather than the global model's: not the same quantity as another run's global eval loss."""
+        kinds = {self.summary.get("eval_kind")} | {r.get("eval_kind") for r in self.rounds if r.get("eval_loss") is not None}
+        return any(isinstance(k, str) and k.startswith("personalised") for k in kinds)
+
     def number(self, row: dict[str, Any], key: str) -> float | None:
         """``row[key]`` as a float (None when not recorded); anything else is a corrupt row, named."""
         value = row.get(key)
@@ -56,6 +63,13 @@ class RunRecords:
             out.append(total)
         return out
 
+    def training_bytes(self) -> list[float]:
+        """Running total of the training messages' bytes, both ways, one entry per round: every message's bytes
+        less the evaluation messages' (``eval_bytes_up`` / ``eval_bytes_down``: clients evaluating their own or
+        the submodel's LoRA), so a run that evaluates on its clients is not charged for measuring itself."""
+        totals = [self.cumulative(k) for k in ("bytes_up", "bytes_down", "eval_bytes_up", "eval_bytes_down")]
+        return [up + down - eval_up - eval_down for up, down, eval_up, eval_down in zip(*totals)]
+
 
 def read_run(path: str | Path) -> RunRecords:
     """Load ``metrics.jsonl`` and ``summary.json`` (empty when the run did not finish) of a run directory."""
@@ -77,11 +91,11 @@ def read_run(path: str | Path) -> RunRecords:
 
 
 def cost_to_target(run: RunRecords, target_eval_loss: float) -> dict[str, float | int | None]:
-    """Rounds, wall seconds, client compute (seconds, FLOPs) and bytes until eval loss first ≤ target."""
+    """Rounds, wall seconds, client compute (seconds, FLOPs) and training bytes until eval loss first ≤ target."""
     wall = run.cumulative("round_wall_s")
     flops = run.cumulative("train_flops")
     client_s = run.cumulative("client_train_s_sum")
-    up, down = run.cumulative("bytes_up"), run.cumulative("bytes_down")
+    sent = run.training_bytes()
     for i, row in enumerate(run.rounds):
         loss = row.get("eval_loss")
         if loss is not None and float(loss) <= target_eval_loss:
@@ -90,6 +104,6 @@ def cost_to_target(run: RunRecords, target_eval_loss: float) -> dict[str, float 
                 "wall_s": wall[i],
                 "client_train_s": client_s[i],
                 "train_flops": flops[i],
-                "bytes": up[i] + down[i],
+                "bytes": sent[i],
             }
     return {"round": None, "wall_s": None, "client_train_s": None, "train_flops": None, "bytes": None}

@@ -8,8 +8,12 @@ from pathlib import Path
 from devft.reports.plots import plot_seed_comparison
 from devft.reports.runs import RunRecords, cost_to_target, read_run
 from devft.reports.seeds import Paired, Spread, paired, spread
+from devft.reports.setting import differences_section
 from devft.reports.tables import (
+    BYTES_NOTE,
     default_target,
+    eval_cell,
+    eval_kind_note,
     final_value,
     fmt,
     mib,
@@ -47,10 +51,12 @@ def _config_row(name: str, runs: Mapping[int, RunRecords], target: float) -> str
     reached = [h for h in (cost_to_target(r, target) for r in runs.values()) if h["round"] is not None]
     rs = list(runs.values())
     return (
-        f"| {name} | {len(runs)} | {_spread_cell(spread([v for v in finals.values() if v is not None]))} | "
+        f"| {name} | {eval_cell(rs[0])} | {len(runs)} | "
+        f"{_spread_cell(spread([v for v in finals.values() if v is not None]))} | "
         f"{', '.join(map(str, missing)) or 'none'} | "
         f"{_spread_cell(spread([v for r in rs if (v := final_value(r, 'eval_accuracy')) is not None]), '.3f')} | "
-        f"{mib(_mean(total_value(r, 'bytes') for r in rs))} | {fmt(_mean(total_value(r, 'train_flops') for r in rs), '.3e')} | "
+        f"{mib(_mean(total_value(r, 'bytes') for r in rs))} | {mib(_mean(total_value(r, 'eval_bytes') for r in rs))} | "
+        f"{fmt(_mean(total_value(r, 'train_flops') for r in rs), '.3e')} | "
         f"{fmt(_mean(total_value(r, 'client_train_s') for r in rs), '.1f')} | "
         f"{fmt(_mean(total_value(r, 'wall_s') for r in rs), '.1f')} | {len(reached)}/{len(runs)} | "
         f"{mib(_mean(h['bytes'] for h in reached))} |"
@@ -112,22 +118,24 @@ def write_seed_comparison(groups: Mapping[str, Mapping[int, str | Path]], out_di
             runs[name][seed] = run
     every = [run for name in names for run in runs[name].values()]
     target = default_target(every, target_eval_loss)
-    same = "everything else" + ("" if "data.seed" in seed_keys else ", the data and its partition included,")
     seeds = sorted({seed for name in names for seed in groups[name]})
+    first = {name: next(iter(runs[name].values())).path for name in names}  # a config's seeds differ in seed_keys alone
     lines = [
         "# devft comparison over seeds",
         "",
         f"Seeds: each config ran once per seed ({', '.join(map(str, seeds))}), with "
-        f"{' and '.join(f'`{k}`' for k in seed_keys)} set to it; {same} is the same in every run. Figures are "
-        "mean ± sample standard deviation [lowest, highest] over the seeds that have them.",
+        f"{' and '.join(f'`{k}`' for k in seed_keys)} set to it; the configs' other differences are below. "
+        "Figures are mean ± sample standard deviation [lowest, highest] over the seeds that have them.",
         "",
-        f"Target eval loss: {target:.4g} (— = never reached).",
+    ] + differences_section(first, ignore=seed_keys) + [
+        f"Target eval loss: {target:.4g} (— = never reached). {BYTES_NOTE}",
         "",
-        "| method | seeds | final eval loss | seeds without one | final acc | MiB up+down | client FLOPs | "
-        "client train s | wall s | reached target | MiB to target (mean over the seeds that reached it) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | eval of | seeds | final eval loss | seeds without one | final acc | MiB up+down | eval MiB | "
+        "client FLOPs | client train s | wall s | reached target | MiB to target (mean over the seeds that reached it) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_config_row(name, runs[name], target) for name in names]
+    lines += eval_kind_note({name: any(r.personalised_eval for r in runs[name].values()) for name in names})
     if len(names) > 1:
         lines += _paired_rows(runs)
     lines += ["", "## Every run", ""] + run_table(every, target)

@@ -3,6 +3,7 @@ totals, the one-row-per-run comparison table, and the comparison file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from devft.reports.runs import RunRecords, cost_to_target
@@ -29,10 +30,15 @@ def final_value(run: RunRecords, key: str) -> float | None:
 
 
 def total_value(run: RunRecords, key: str) -> float | None:
-    """A run's total: ``bytes`` (up + down), ``wall_s``, or a key of ``summary.json``'s ``totals``."""
+    """A run's total: ``bytes`` (the training messages' bytes, up + down), ``eval_bytes`` (the evaluation
+    messages', up + down), ``wall_s``, or a key of ``summary.json``'s ``totals``."""
     totals = run.summary.get("totals") or {}
-    if key == "bytes":
-        return (totals.get("bytes_up") or 0) + (totals.get("bytes_down") or 0) if totals else None
+    if key in ("bytes", "eval_bytes"):
+        if not totals:
+            return None
+        evaluation = (totals.get("eval_bytes_up") or 0) + (totals.get("eval_bytes_down") or 0)
+        return evaluation if key == "eval_bytes" else (
+            (totals.get("bytes_up") or 0) + (totals.get("bytes_down") or 0) - evaluation)
     value = run.summary.get(key) if key == "wall_s" else totals.get(key)
     return None if value is None else float(value)
 
@@ -45,21 +51,42 @@ def default_target(runs: list[RunRecords], target_eval_loss: float) -> float:
     return max(finals) if finals else 0.0
 
 
+def eval_cell(run: RunRecords) -> str:
+    """What a run's eval loss is of: the global model, or the sampled clients' own models."""
+    return "clients' own" if run.personalised_eval else "global"
+
+
+BYTES_NOTE = ("MiB up+down counts the training messages; evaluation messages (clients evaluating their own "
+              "models, or `federation.client_eval`) are the eval MiB beside it, and no cost to the target counts them.")
+
+
+def eval_kind_note(personalised: Mapping[str, bool]) -> list[str]:
+    """A warning when some runs' (``{name: personalised}``) eval loss is of the clients' own models and
+    others' of the global model."""
+    own = [name for name, is_own in personalised.items() if is_own]
+    if not own or len(own) == len(personalised):
+        return []
+    return ["", f"Eval loss is not the same quantity in every run: for {', '.join(own)} it is the mean held-out loss "
+            "of the sampled clients' own (personalised) models, for the others the global model's. Compare those "
+            "rows with care."]
+
+
 def run_table(runs: list[RunRecords], target_eval_loss: float) -> list[str]:
     """One row per run: final figures, totals and the cost to first reach the target."""
     lines = [
-        "| method | final eval loss | final acc | rounds | wall s | client train s | client FLOPs | MiB up+down | "
-        "→ target: round | wall s | client s | FLOPs | MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | eval of | final eval loss | final acc | rounds | wall s | client train s | client FLOPs | "
+        "MiB up+down | eval MiB | → target: round | wall s | client s | FLOPs | MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         hit = cost_to_target(run, target_eval_loss)
         lines.append(
-            f"| {run.label} | {fmt(final_value(run, 'eval_loss'))} | {fmt(final_value(run, 'eval_accuracy'))} | "
-            f"{len(run.rounds)} | {fmt(total_value(run, 'wall_s'), '.1f')} | "
+            f"| {run.label} | {eval_cell(run)} | {fmt(final_value(run, 'eval_loss'))} | "
+            f"{fmt(final_value(run, 'eval_accuracy'))} | {len(run.rounds)} | {fmt(total_value(run, 'wall_s'), '.1f')} | "
             f"{fmt(total_value(run, 'client_train_s'), '.1f')} | {fmt(total_value(run, 'train_flops'), '.3e')} | "
-            f"{mib(total_value(run, 'bytes'))} | {fmt(hit['round'])} | {fmt(hit['wall_s'], '.1f')} | "
-            f"{fmt(hit['client_train_s'], '.1f')} | {fmt(hit['train_flops'], '.3e')} | {mib(hit['bytes'])} |"
+            f"{mib(total_value(run, 'bytes'))} | {mib(total_value(run, 'eval_bytes'))} | {fmt(hit['round'])} | "
+            f"{fmt(hit['wall_s'], '.1f')} | {fmt(hit['client_train_s'], '.1f')} | {fmt(hit['train_flops'], '.3e')} | "
+            f"{mib(hit['bytes'])} |"
         )
     return lines
 

@@ -360,6 +360,59 @@ def test_compare_refuses_bad_seed_options_before_anything_runs(smoke_config, pri
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.parametrize("extra,argv,match", [
+    ("[train]\nmax_steps = 7\n", [], r"compare runs every config on the same setting \(model, data and partition, "
+     r"local training, evaluation, rounds, clients per round, seeds\), but train.max_steps differs \(smoke: 2, "
+     r"other: 7\); make it the same, or give --vary train.max_steps to compare on purpose"),
+    ("[federation]\nnum_rounds = 6\n", ["--seeds", "0", "1"], r"but federation.num_rounds differs \(smoke: 4, other: 6\)"),
+    ("[data]\nalpha = 0.1\n", ["--vary", "train.max_steps"], r"but data.alpha differs"),
+    ("[lora]\nr = 2\n", ["--vary", "lora.r"], r"--vary lora.r: not part of the setting"),
+    ("[lora]\nr = 2\n", ["--vary", "train.nonsense"], r"--vary train.nonsense: no such config key"),
+])
+def test_compare_refuses_configs_on_different_settings_before_anything_runs(smoke_config, private_env, tmp_path,
+                                                                           monkeypatch, capsys, extra, argv, match):
+    import re
+
+    import server.launch
+    from devft.cli import main
+
+    monkeypatch.setattr(server.launch, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n{extra}')
+    assert main(["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp"), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_runs_a_named_difference_and_takes_the_configs_shared_target(smoke_config, private_env, tmp_path,
+                                                                            monkeypatch, capsys):
+    import devft.reports
+    import server.launch
+    from devft.cli import main
+
+    ran, seen = [], {}
+
+    def simulate(config, run_dir, resume, stop):
+        ran.append((run_dir.name, config.train.max_steps))
+        if not run_dir.exists():
+            fake_run(run_dir)
+
+    def write_comparison(run_dirs, out, **kwargs):
+        seen.update(kwargs)
+        return fake_table(tmp_path)
+
+    monkeypatch.setattr(server.launch, "simulate", simulate)
+    monkeypatch.setattr(devft.reports, "write_comparison", write_comparison)
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n[train]\nmax_steps = 7\n')
+    argv = ["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp"), "--vary", "train.max_steps",
+            "--set", "federation.target_eval_loss=1.25"]
+    assert main(argv) == 0
+    assert ran == [("smoke", 2), ("other", 7)] and seen["target_eval_loss"] == 1.25
+    assert main(argv + ["--target-eval-loss", "2.5"]) == 0 and seen["target_eval_loss"] == 2.5
+    assert main(argv[:-2] + ["--set", "federation.num_rounds=4"]) == 0 and seen["target_eval_loss"] == 0.0
+
+
 def test_an_interrupted_comparison_over_seeds_continues_with_reuse(smoke_config, private_env, tmp_path, monkeypatch,
                                                                    capsys):
     import server.launch
@@ -387,7 +440,8 @@ def test_an_interrupted_comparison_over_seeds_continues_with_reuse(smoke_config,
     said = capsys.readouterr().out
     assert f"reusing {tmp_path / 'cmp/smoke/seed-0'}" in said and f"reusing {tmp_path / 'cmp/other/seed-0'}" in said
     table = (tmp_path / "cmp" / "comparison.md").read_text()  # the real report over the four (result-less) runs
-    assert "| other | 2 | — | 0, 1 |" in table and "| other | 0 | — |" in table
+    assert "| other | global | 2 | — | 0, 1 |" in table and "| other | 0 | — |" in table
+    assert "| `lora.r` | `4` | `2` |" in table  # what the configs differ in, from the runs' config.json
     assert all(f"| {name}/seed-{seed} |" in table for name in ("smoke", "other") for seed in (0, 1))
 
 

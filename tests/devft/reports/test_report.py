@@ -4,24 +4,34 @@ import json
 
 import pytest
 
+from devft.config import RunConfig, config_to_dict, load_config
 from devft.reports import cost_to_target, read_run, write_comparison, write_report
 
 
-def _write_run(path, method, losses, bytes_up):
+def _write_run(path, method, losses, bytes_up, config=None, eval_bytes=None, eval_kind="global"):
+    """A run directory as the strategy writes it: per-round rows, totals that are their sums, and (given
+    ``config``, a :class:`RunConfig`) its config.json. ``eval_bytes[i]`` of round i+1's bytes each way were
+    evaluation messages."""
     path.mkdir(parents=True)
+    eval_bytes = eval_bytes or [0] * len(losses)
     rows = []
     for i, (loss, up) in enumerate(zip(losses, bytes_up), start=1):
         rows.append({"round": i, "stage": 0 if i < 3 else 1, "submodel_layers": 2 if i < 3 else 4,
                      "clients_sampled": 2, "clients_ok": 2, "clients_failed": 0, "bytes_up": up,
                      "bytes_down": up, "train_flops": 1e9 * i, "client_train_s_mean": 1.5, "client_train_s_max": 2.0,
                      "round_wall_s": 3.0, "aggregate_s": 0.01, "peak_rss_mb": 500.0, "train_loss": loss + 0.1,
-                     "eval_loss": loss, "eval_accuracy": 0.5})
+                     "eval_loss": loss, "eval_accuracy": 0.5, "eval_kind": eval_kind,
+                     "eval_bytes_up": eval_bytes[i - 1], "eval_bytes_down": eval_bytes[i - 1]})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (path / "summary.json").write_text(json.dumps({
-        "method": method, "label": method, "seed": 0, "wall_s": 3.0 * len(rows),
+        "method": method, "label": method, "seed": 0, "wall_s": 3.0 * len(rows), "eval_kind": eval_kind,
         "final": {"eval_loss": losses[-1], "eval_accuracy": 0.5},
-        "totals": {"bytes_up": sum(bytes_up), "bytes_down": sum(bytes_up), "train_flops": 1e9, "client_train_s": 9.0},
+        "totals": {"bytes_up": sum(bytes_up), "bytes_down": sum(bytes_up), "eval_bytes_up": sum(eval_bytes),
+                   "eval_bytes_down": sum(eval_bytes), "train_flops": sum(r["train_flops"] for r in rows),
+                   "client_train_s": 3.0 * len(rows)},
     }))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config_to_dict(config)))
 
 
 def test_cost_to_target_is_the_first_round_at_or_below_it(tmp_path):
@@ -49,6 +59,49 @@ def test_report_and_comparison_files(tmp_path):
     assert table.count("\n| devft |") == 1 and table.count("\n| fedit_link |") == 1
     for name in ("round", "client_flops", "client_seconds", "bytes"):
         assert (tmp_path / "cmp" / "plots" / f"eval_loss_vs_{name}.png").exists()
+
+
+MIB = 2**20
+
+
+def test_a_comparison_charges_training_bytes_and_shows_evaluation_bytes_beside_them(tmp_path):
+    """Two runs with the same training traffic (1 MiB each way a round); one also evaluates on its clients
+    (0.5 MiB each way in rounds 2 and 4, inside its bytes_up / bytes_down as the strategy records them). The
+    bytes a comparison charges, to the end and to the target, are the same for both."""
+    _write_run(tmp_path / "fedit", "fedit", [2.0, 1.8, 1.6, 1.5], [MIB] * 4)
+    _write_run(tmp_path / "fedsa", "fedsa", [2.0, 1.7, 1.6, 1.5], [MIB, 1.5 * MIB, MIB, 1.5 * MIB],
+               eval_bytes=[0, MIB // 2, 0, MIB // 2], eval_kind="personalised-clients-mean")
+    assert read_run(tmp_path / "fedsa").training_bytes() == [2 * MIB, 4 * MIB, 6 * MIB, 8 * MIB]
+    table = write_comparison([tmp_path / "fedit", tmp_path / "fedsa"], tmp_path / "cmp").read_text()
+    # both reach the target (the worst final, 1.5) in round 4: 12 s, 12 client s, 1e9·(1+2+3+4) FLOPs, 8 MiB
+    assert "| fedit | global | 1.5 | 0.5 | 4 | 12.0 | 12.0 | 1.000e+10 | 8.00 | 0.00 | 4 | 12.0 | 12.0 | 1.000e+10 | 8.00 |" in table
+    assert "| fedsa | clients' own | 1.5 | 0.5 | 4 | 12.0 | 12.0 | 1.000e+10 | 8.00 | 2.00 | 4 | 12.0 | 12.0 | 1.000e+10 | 8.00 |" in table
+    assert "Eval loss is not the same quantity in every run: for fedsa it is the mean held-out loss" in table
+    report = write_report(tmp_path / "fedsa").read_text()
+    assert "- totals: 5.00 MiB up, 5.00 MiB down," in report
+    assert "- of those bytes, evaluation messages: 1.00 MiB up, 1.00 MiB down (the rest is training)" in report
+
+
+def test_a_comparison_states_what_its_runs_differ_in(tmp_path):
+    base, fedit = RunConfig(), load_config(None, {"federation.method": "fedit"})
+    _write_run(tmp_path / "devft", "devft", [2.0, 1.5], [10, 10], config=base)
+    _write_run(tmp_path / "same", "devft", [2.0, 1.5], [10, 10], config=base)
+    _write_run(tmp_path / "fedit", "fedit", [2.0, 1.6], [10, 10], config=fedit)
+    _write_run(tmp_path / "longer", "fedit", [2.0, 1.6], [10, 10],
+               config=load_config(None, {"federation.method": "fedit", "train.max_steps": 20}))
+    _write_run(tmp_path / "unknown", "fedit", [2.0, 1.6], [10, 10])
+
+    table = write_comparison([tmp_path / "devft", tmp_path / "same"], tmp_path / "cmp1").read_text()
+    assert "Every config key is the same in every run." in table
+
+    table = write_comparison([tmp_path / "devft", tmp_path / "fedit"], tmp_path / "cmp2").read_text()
+    assert "| key | devft | fedit |" in table and "| `federation.method` | `devft` | `fedit` |" in table
+    assert "Not like for like" not in table  # the method is what a comparison compares
+
+    table = write_comparison([tmp_path / "fedit", tmp_path / "longer", tmp_path / "unknown"], tmp_path / "cmp3").read_text()
+    assert "| `train.max_steps` | `10` | `20` |" in table and "federation.method" not in table
+    assert "**Not like for like:** the runs differ in `train.max_steps`, part of the setting" in table
+    assert "No readable config.json in unknown: what those runs ran with is unknown." in table
 
 
 def test_the_report_lists_failures_skips_and_bounded_updates(tmp_path):
