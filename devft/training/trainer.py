@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from devft.data.formatting import collate, encode_for_training
 from devft.metrics.memory import PeakMemory
-from devft.training.flops import lora_training_flops, matmul_parameter_counts
+from devft.training.flops import attention_width, lora_training_flops, matmul_parameter_counts
 from devft.training.settings import TrainSettings
 
 Example = dict[str, str]
@@ -92,7 +92,7 @@ def train_lora(
     frozen, trainable = matmul_parameter_counts(model)
     config = getattr(model, "config", None)
     num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    width = attention_width(config)
     rng = random.Random(settings.seed)
     batches = _micro_batches(encoded, settings, rng)
     step_losses: list[float] = []
@@ -123,7 +123,7 @@ def train_lora(
                 step_loss += float(loss_sum.detach()) / max(1, target_tokens)
                 n_tok = int(batch["attention_mask"].sum())
                 seq_len = float(batch["attention_mask"].shape[1])
-                flops += lora_training_flops(frozen, trainable, n_tok, num_layers, hidden, seq_len)
+                flops += lora_training_flops(frozen, trainable, n_tok, num_layers, width, seq_len)
                 tokens += n_tok
                 seen += len(mb)
             if not math.isfinite(step_loss):

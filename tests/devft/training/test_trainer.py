@@ -29,6 +29,30 @@ def test_training_lowers_the_loss_and_reports_costs(tiny):
     assert math.isfinite(result.loss)
 
 
+def test_training_flops_are_a_hand_count(tiny):
+    """One example, one step: ``n`` tokens, no padding. tiny-llama: 8 layers of hidden 64, 4 query heads of
+    16, 2 key/value heads, MLP 128, vocabulary 259 (the tied LM head is a matmul); LoRA r = 4 on all seven
+    projections."""
+    loaded, model = tiny
+    frozen = 8 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 259 * 64
+    trainable = 8 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    assert (frozen, trainable) == (311_488, 32_768)
+    result = train_lora(model, loaded.tokenizer, generate_task_suite(1, seed=4), TrainSettings(max_steps=1, batch_size=1), 96)
+    n = result.num_tokens
+    # matmuls: frozen 2 forward + 2 backward, trainable 2 + 4; attention 4·n·64 a layer and token, ×3 with backward
+    assert result.flops == (4 * frozen + 6 * trainable) * n + 3 * 4 * n * 64 * 8 * n
+
+
+def test_attention_width_is_query_heads_times_head_size():
+    from transformers import LlamaConfig, Qwen3Config
+
+    from devft.training.flops import attention_width
+
+    assert attention_width(Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128)) == 2048  # Qwen3-0.6B
+    assert attention_width(LlamaConfig(hidden_size=576, num_attention_heads=9)) == 576  # SmolLM2-135M
+    assert attention_width(load_model("tiny-gpt2").model.config) == 64
+
+
 def test_training_is_reproducible_for_a_seed(tiny):
     loaded, _ = tiny
     examples = generate_task_suite(32, seed=2)
