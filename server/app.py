@@ -116,5 +116,17 @@ def main(grid: Grid, context: Context) -> None:
     path = Path(run_dir).expanduser() if run_dir else Path.home() / "devft-runs" / (
         f"{config.federation.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    resume = str(options.get("resume", False)).lower() in ("true", "1", "yes")
+    resume = _flag(options.get("resume", False), "resume")
     run_server(grid, config, path.resolve(), resume=resume, on_round=[log_round])
+
+
+def _flag(value: object, name: str) -> bool:
+    """A run-config switch: a TOML boolean, or true/false, 1/0, yes/no; anything else is refused by name."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"run config {name}={value!r} is not a switch: use true or false")

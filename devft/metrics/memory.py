@@ -43,7 +43,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self.peak_rss_mb = current_rss_mb()
-        if torch.cuda.is_available():
+        if _cuda_in_use():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -61,5 +61,11 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
-        if torch.cuda.is_available():
+        if _cuda_in_use():
             self.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _cuda_in_use() -> bool:
+    """Whether this process already uses CUDA: asking a process that trains on the CPU for CUDA statistics
+    would create a CUDA context in it (hundreds of MiB of host memory), inflating the RSS it measures."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

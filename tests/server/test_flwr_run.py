@@ -46,3 +46,15 @@ def test_flwr_run_matches_devft_simulate(private_env, devft_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not pids_with_env("FLWR_HOME", env["FLWR_HOME"])
     assert not ray_pids(private_env["RAY_TMPDIR"])
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), ("true", True), ("1", True), ("yes", True), (False, False),
+                                            ("false", False), ("0", False), ("", False), ("on", None), ("ture", None)])
+def test_the_resume_switch_of_flwr_run_is_a_boolean_or_refused_by_name(value, expected):
+    from server.app import _flag
+
+    if expected is None:
+        with pytest.raises(ValueError, match=f"run config resume={value!r} is not a switch: use true or false"):
+            _flag(value, "resume")
+    else:
+        assert _flag(value, "resume") is expected
