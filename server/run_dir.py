@@ -12,9 +12,10 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,31 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
+    """Write ``data`` as indented JSON to ``path`` via a temporary file, flushed to disk, and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh staging directory beside ``path`` with ``write(staging)``, then put it in ``path``'s place:
+    a crash or an error while writing leaves the earlier ``path`` whole, never a mix of the two."""
+    staging, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 LOCK_FILE = ".devft-lock"

@@ -59,7 +59,7 @@ from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, s
 from server.global_model import GlobalModel, StagePlan
 from server.metering import wire_bytes
 from server.replies import MAX_EXAMPLES, ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
-from server.run_dir import RunDirectory
+from server.run_dir import RunDirectory, replace_directory
 from server.sampling import discover_partitions, sample_partitions
 
 log = logging.getLogger(__name__)
@@ -780,7 +780,8 @@ class DevFTStrategy(Strategy):
     def _finish(self, rows: list[dict[str, Any]]) -> None:
         """Save the adapter and write summary.json."""
         state = self._require_state()
-        self.model.save_adapter(state.full_lora, self.run_dir.adapter, state.base_delta)
+        replace_directory(self.run_dir.adapter, lambda staging: self.model.save_adapter(
+            state.full_lora, staging, state.base_delta))
         self.run_dir.write_summary(self._summary(rows))
 
     def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -607,6 +607,25 @@ def test_a_torn_metrics_line_or_checkpoint_is_handled_by_name(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_an_adapter_written_halfway_never_replaces_the_one_before(tmp_path):
+    from server.run_dir import replace_directory
+
+    adapter = tmp_path / "adapter"
+    replace_directory(adapter, lambda d: (d / "adapter_model.safetensors").write_text("first"))
+
+    def crash(staging):
+        (staging / "adapter_model.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_directory(adapter, crash)
+    assert (adapter / "adapter_model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging left behind
+    replace_directory(adapter, lambda d: (d / "adapter_config.json").write_text("{}"))
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]  # the new one whole, nothing mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_query_round_needs_a_partition_id(private_env):
     from client.app import app as client_app
 
