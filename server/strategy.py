@@ -158,7 +158,8 @@ class _RoundLog:
     eval_bytes_down: int = 0  # the evaluation messages' share of the above
     eval_bytes_up: int = 0
     updates: list[ClientUpdate] = field(default_factory=list)
-    failures: list[ClientFailure] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)  # sampled clients without a usable reply
+    ignored: list[ClientFailure] = field(default_factory=list)  # replies past the first, or from unsampled nodes
     aggregated: bool = False
     skipped: str | None = None  # why the update was skipped, when it was
     aggregate_s: float = 0.0
@@ -357,7 +358,7 @@ class DevFTStrategy(Strategy):
             if pid not in self._round.sampled or pid in answered:  # Flower pairs replies; this is a backstop
                 why = "a second reply this round" if pid in answered else "a reply from a node not sampled this round"
                 log.warning("round %d: %s (node %d, partition %s) ignored", server_round, why, node, pid)
-                self._round.failures.append(ClientFailure(node, pid, why))
+                self._round.ignored.append(ClientFailure(node, pid, why))
                 continue
             answered.add(pid)
             checked = time.perf_counter()
@@ -751,6 +752,8 @@ class DevFTStrategy(Strategy):
             "skipped": r.skipped,
             "sampled_partitions": r.sampled,
             "failures": [{"partition": f.partition_id, "reason": f.reason} for f in r.failures],
+            "ignored_replies": [{"node": f.node_id, "partition": f.partition_id, "reason": f.reason}
+                                for f in r.ignored],
             "bytes_up": r.bytes_up,
             "bytes_down": r.bytes_down,
             "eval_bytes_up": r.eval_bytes_up,

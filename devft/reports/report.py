@@ -81,6 +81,9 @@ def _incidents(rounds: list[dict]) -> list[str]:
     for r in rounds:
         for f in r.get("failures") or ():
             lines.append(f"- round {r.get('round')}: partition {f.get('partition')} failed: {f.get('reason')}")
+        for f in r.get("ignored_replies") or ():
+            lines.append(f"- round {r.get('round')}: a reply of node {f.get('node')} (partition {f.get('partition')}) "
+                         f"ignored: {f.get('reason')}")
         if r.get("skipped"):
             lines.append(f"- round {r.get('round')}: update skipped: {r['skipped']}")
         for c in r.get("clipped") or ():

@@ -525,12 +525,15 @@ def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smok
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["clients-ok"] == 1
     reasons = [(f.partition_id, f.reason) for f in strategy._round.failures]
-    assert [p for p, _ in reasons] == [1, 2, 3, 0]
+    assert [p for p, _ in reasons] == [1, 2, 3]
     assert "train-loss must be a finite number, got [1.0]" in reasons[0][1] and "got None" in reasons[1][1]
     assert "num-examples must be a positive integer <= 2**53, got 1e+308" in reasons[2][1]
-    assert reasons[3][1] == "a second reply this round"
     row = strategy._row(1, 0, 4, 1.0, 0.0, {}, False)
     assert row["train_flops"] == 0 and row["client_train_s_sum"] == 2.0 and row["skipped"] is None
+    # partition 0's second reply is ignored, not a failure: every sampled client either succeeded or failed
+    assert (row["clients_sampled"], row["clients_ok"], row["clients_failed"]) == (4, 1, 3)
+    assert row["ignored_replies"] == [{"node": by_pid[0].metadata.dst_node_id, "partition": 0,
+                                       "reason": "a second reply this round"}]
 
 
 def test_a_reply_the_superlink_gives_for_a_lost_node_is_that_partitions_one_failure(smoke_config, private_env,

@@ -109,7 +109,8 @@ def test_the_report_lists_failures_skips_and_bounded_updates(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows[0].update(failures=[{"partition": 3, "reason": "client raised: boom"}], update_norm_bound=2.5,
                    clipped=[{"partition": 1, "norm": 5.0e6, "scale": 5e-7}])
-    rows[1].update(skipped="1 valid replies < federation.min_replies=2")
+    rows[1].update(skipped="1 valid replies < federation.min_replies=2",
+                   ignored_replies=[{"node": 7, "partition": 2, "reason": "a second reply this round"}])
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     summary["totals"].update(clients_failed=1, rounds_skipped=1, updates_clipped=1)
@@ -121,6 +122,7 @@ def test_the_report_lists_failures_skips_and_bounded_updates(tmp_path):
     assert "- round 1: partition 3 failed: client raised: boom" in report
     assert "- round 1: the update of partition 1 (norm 5e+06) was scaled by 5e-07 onto the bound 2.5" in report
     assert "- round 2: update skipped: 1 valid replies < federation.min_replies=2" in report
+    assert "- round 2: a reply of node 7 (partition 2) ignored: a second reply this round" in report
 
 
 @pytest.mark.parametrize("metrics,summary,match", [
