@@ -147,6 +147,16 @@ def test_resume_after_interruption_is_bitwise_identical(devft_run, run_inprocess
     a, b = adapter(full), adapter(tmp_path / "killed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # every row as the uninterrupted run's, bar what a clock measures (sampling, bytes, FLOPs, losses, stages)
+    def measured(row):
+        return {k: v for k, v in row.items() if not (k.endswith("_s") or k.endswith("_s_mean")
+                or k.endswith("_s_max") or k.endswith("_s_sum") or k in ("peak_rss_mb", "elapsed_s"))}
+
+    assert [measured(r) for r in rows(tmp_path / "killed")] == [measured(r) for r in rows(full)]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (full, tmp_path / "killed")]
+    assert summaries[0]["final"] == summaries[1]["final"]
+    assert {k: v for k, v in summaries[0]["totals"].items() if k != "client_train_s"} == {
+        k: v for k, v in summaries[1]["totals"].items() if k != "client_train_s"}
 
 
 def test_resume_refuses_a_different_config(devft_run, smoke_config, run_inprocess):
