@@ -38,9 +38,11 @@ def sample_partitions(seed: int, server_round: int, partitions: Iterable[int], k
 
 
 def discover_partitions(
-    grid: Grid, num_partitions: int, min_required: int, wait_s: float = 30.0, poll_s: float = 1.0
+    grid: Grid, num_partitions: int, min_required: int, wait_s: float = 30.0, poll_s: float = 1.0,
+    asked: set[int] | None = None,
 ) -> dict[int, int]:
-    """Ask every connected node for its partition id; return ``{partition_id: node_id}``.
+    """Ask every connected node for its partition id; return ``{partition_id: node_id}`` (``asked``, when
+    given, gets the node ids asked).
 
     Waits up to ``wait_s`` for ``num_partitions`` nodes, then goes on with those connected if at least
     ``min_required`` are (otherwise keeps waiting, logging). Nodes that answer with an error, report a
@@ -63,11 +65,23 @@ def discover_partitions(
             log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
         last_count = len(node_ids)
         time.sleep(poll_s)
+    mapping = claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s))
+    if asked is not None:
+        asked.update(node_ids)
+    if len(mapping) < min_required:
+        raise RuntimeError(f"only {len(mapping)} nodes reported a usable partition id; {min_required} needed")
+    log.info("partition map: %d of %d partitions have a node", len(mapping), num_partitions)
+    return dict(sorted(mapping.items()))
+
+
+def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int, timeout: float) -> dict[int, int]:
+    """Ask ``node_ids`` for their partition ids: ``{partition_id: node_id}`` of those that answered with one in
+    ``[0, num_partitions)``; where two claim one partition, the lower node id keeps it (the others are logged)."""
     messages = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type=PARTITION_QUERY)
-        for nid in node_ids
+        for nid in sorted(node_ids)
     ]
-    replies = grid.send_and_receive(messages, timeout=max(60.0, wait_s))
+    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
     mapping: dict[int, int] = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
@@ -81,7 +95,29 @@ def discover_partitions(
             log.warning("nodes %d and %d both claim partition %d; keeping %d", mapping[pid], node, pid, mapping[pid])
         else:
             mapping[pid] = node
-    if len(mapping) < min_required:
-        raise RuntimeError(f"only {len(mapping)} nodes reported a usable partition id; {min_required} needed")
-    log.info("partition map: %d of %d partitions have a node", len(mapping), num_partitions)
-    return dict(sorted(mapping.items()))
+    return mapping
+
+
+def refreshed_partitions(grid: Grid, known: dict[int, int], asked: set[int], num_partitions: int,
+                         timeout: float = 60.0) -> dict[int, int]:
+    """``known`` (``{partition_id: node_id}``) after asking the nodes that connected since (``asked``: every node
+    asked before, updated here). A SuperNode that restarts connects under a new node id: its partition moves
+    to the new node once the old one is gone from the grid. A partition no node held before joins the pool.
+    A claim on a partition whose node is still connected is logged and ignored."""
+    connected = set(grid.get_node_ids())
+    new = connected - asked
+    if not new:
+        return known
+    asked |= new
+    updated = dict(known)
+    for pid, node in claimed_partitions(grid, new, num_partitions, timeout).items():
+        holder = updated.get(pid)
+        if holder is None:
+            log.info("partition %d joined on node %d: sampled from now on", pid, node)
+        elif holder in connected:
+            log.warning("node %d claims partition %d, which node %d still holds; ignored", node, pid, holder)
+            continue
+        else:
+            log.info("partition %d moved from node %d (gone) to node %d", pid, holder, node)
+        updated[pid] = node
+    return dict(sorted(updated.items()))

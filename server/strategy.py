@@ -60,7 +60,7 @@ from server.global_model import GlobalModel, StagePlan
 from server.metering import wire_bytes
 from server.replies import MAX_EXAMPLES, ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
 from server.run_dir import RunDirectory, replace_directory
-from server.sampling import discover_partitions, sample_partitions
+from server.sampling import discover_partitions, refreshed_partitions, sample_partitions
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ class DevFTStrategy(Strategy):
         self.flat_config = config_to_flat(config)
         self.partition_to_node: dict[int, int] = {}
         self.node_to_partition: dict[int, int] = {}
+        self._asked_nodes: set[int] = set()  # every node asked for its partition so far
         self.state: RunState | None = None
         self._round = _RoundLog()
         self._extra_train_config: dict[str, Any] = {}
@@ -586,15 +587,25 @@ class DevFTStrategy(Strategy):
             raise ValueError(f"cannot resume {self.run_dir.path}: the config differs from the checkpoint's ({details})")
 
     def _discover(self, grid: Grid) -> None:
-        self.partition_to_node = discover_partitions(
-            grid, self.config.data.num_clients, min_required=self.fed.clients_per_round
-        )
-        self.node_to_partition = {n: p for p, n in self.partition_to_node.items()}
+        self._set_partition_map(discover_partitions(
+            grid, self.config.data.num_clients, min_required=self.fed.clients_per_round, asked=self._asked_nodes))
+
+    def _set_partition_map(self, partition_to_node: dict[int, int]) -> None:
+        self.partition_to_node = partition_to_node
+        self.node_to_partition = {n: p for p, n in partition_to_node.items()}
+
+    def _refresh_partition_map(self, grid: Grid) -> None:
+        """Before a round: nodes that connected since are asked for their partition, so a SuperNode that
+        restarted (under a new node id) gets its partition back, and a late one joins the sampling pool."""
+        refreshed = refreshed_partitions(grid, self.partition_to_node, self._asked_nodes, self.config.data.num_clients)
+        if refreshed != self.partition_to_node:
+            self._set_partition_map(refreshed)
 
     def _run_round(self, grid: Grid, server_round: int, timeout: float, evaluate_config: ConfigRecord) -> dict[str, Any]:
         state = self._require_state()
         start = time.perf_counter()
         self._round = _RoundLog()
+        self._refresh_partition_map(grid)
         stage = self.schedule.stage_of_round(server_round)
         if state.stage is None or state.stage.plan.stage != stage:
             self._start_stage(stage)
