@@ -101,9 +101,10 @@ def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int,
 def refreshed_partitions(grid: Grid, known: dict[int, int], asked: set[int], num_partitions: int,
                          timeout: float = 60.0) -> dict[int, int]:
     """``known`` (``{partition_id: node_id}``) after asking the nodes that connected since (``asked``: every node
-    asked before, updated here). A SuperNode that restarts connects under a new node id: its partition moves
-    to the new node once the old one is gone from the grid. A partition no node held before joins the pool.
-    A claim on a partition whose node is still connected is logged and ignored."""
+    asked before, updated here). A partition no node held before joins the pool. A new node that claims a
+    held partition takes it over: a SuperNode that restarts connects under a new node id, usually before the
+    SuperLink has noticed that the old one is gone (its heartbeat times out only later). Where the old node
+    is in fact still running, the two were given one partition id; the warning says so."""
     connected = set(grid.get_node_ids())
     new = connected - asked
     if not new:
@@ -115,8 +116,8 @@ def refreshed_partitions(grid: Grid, known: dict[int, int], asked: set[int], num
         if holder is None:
             log.info("partition %d joined on node %d: sampled from now on", pid, node)
         elif holder in connected:
-            log.warning("node %d claims partition %d, which node %d still holds; ignored", node, pid, holder)
-            continue
+            log.warning("partition %d moves from node %d to node %d, which claims it now (a restarted SuperNode; if "
+                        "node %d still runs, two nodes were given partition-id %d)", pid, holder, node, holder, pid)
         else:
             log.info("partition %d moved from node %d (gone) to node %d", pid, holder, node)
         updated[pid] = node
