@@ -2,7 +2,7 @@
 
 Each SuperNode starts a fresh ``flwr-clientapp`` process for every message, so a client keeps nothing in memory
 between rounds: the fused submodels and FedSA-LoRA's own B live on the node's disk (``$DEVFT_CACHE``, one
-directory per node here, as on real devices). Both tests are slow (about 1.5 and 1 minute on 2 busy cores);
+directory per node here, as on real devices). The tests are slow (about 1.5, 1 and 2.5 minutes on 2 busy cores);
 every process they start is stopped by PID (process group, then anything carrying the test's ``FLWR_HOME``).
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -178,3 +181,55 @@ def test_tls_and_node_authentication_run_a_registered_node_and_refuse_an_unregis
     assert row["bytes_up"] > 0 and row["bytes_down"] > 0
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_supernode_that_restarts_mid_run_gets_its_partition_back(private_env, tmp_path):
+    """Node 1 is killed after round 1 and started again (a new node id, the same partition and disk). Round 2
+    may still go to the old id (the SuperLink answers for it once its heartbeat times out, about 60 s) or
+    already to the new node; from round 3 on partition 1 trains on the new node."""
+    flwr_home, out = tmp_path / "flwr", tmp_path / "run"
+    env = {**private_env, "FLWR_HOME": str(flwr_home)}
+    link, *node_ports = distinct_ports(4)
+    write_connection(flwr_home, "deploy", link)
+    caches = [tmp_path / f"node{k}-cache" for k in range(2)]
+    procs = Processes(env, tmp_path / "logs")
+    restarted = threading.Event()
+
+    def restart_node_1_after_round_1():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and rows(out)):
+            time.sleep(0.2)
+        os.killpg(procs.procs["node1"].pid, signal.SIGKILL)
+        procs.start("node1-again", supernode_cmd(link, node_ports[2], 1, 2), DEVFT_CACHE=str(caches[1]))
+        restarted.set()
+
+    try:
+        procs.start("superlink", superlink_cmd(link))
+        wait_for(lambda: listening(link), 60, "the SuperLink listening", procs.logs / "superlink.log")
+        for k in range(2):
+            procs.start(f"node{k}", supernode_cmd(link, node_ports[k], k, 2), DEVFT_CACHE=str(caches[k]))
+        for k in range(2):
+            wait_for(lambda k=k: "SuperNode ID" in procs.log(f"node{k}"), 60, f"SuperNode {k} connected",
+                     procs.logs / f"node{k}.log")
+        watcher = threading.Thread(target=restart_node_1_after_round_1, daemon=True)
+        watcher.start()
+        run_config = smoke_run_config(DEPLOY | {"federation.num_rounds": 4, "federation.eval_every": 4,
+                                                "federation.reply_timeout_s": 180.0, "run-dir": str(out)})
+        code, log = flwr_cli(["run", ".", "deploy", "--stream", "--run-config", run_config], env, timeout=420,
+                             log=tmp_path / "flwr-run.log")
+        wait_for_summary(out, log)
+        watcher.join(timeout=5)
+        again = procs.log("node1-again")
+    finally:
+        procs.stop_all()
+    assert restarted.is_set() and code == 0, log[-3000:]
+    table = rows(out)
+    assert [r["round"] for r in table] == [1, 2, 3, 4]
+    assert (table[0]["clients_ok"], table[0]["clients_failed"]) == (2, 0)
+    if table[1]["clients_failed"]:  # round 2 went to the old node id: the SuperLink answered for it
+        assert table[1]["failures"][0]["partition"] == 1 and "SuperLink answered" in table[1]["failures"][0]["reason"]
+    for r in table[2:]:
+        assert (r["clients_sampled"], r["clients_ok"], r["clients_failed"]) == (2, 2, 0), r
+    assert again.count("Receiving:") >= 3  # its partition query, then rounds 3 and 4 at least
+    assert math.isfinite(table[-1]["eval_loss"]) and table[-1]["eval_clients"] == 2
