@@ -163,7 +163,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from devft.training import evaluate
 
     adapter = Path(args.adapter)
-    run_config = adapter.parent / "config.json"
+    run_config = adapter.resolve().parent / "config.json"  # `--adapter .` inside a run's adapter/ too
     if args.config is None and run_config.exists():  # a run's adapter: that run's model, data and eval
         from devft.config import config_from_flat, flatten_config_dict, parse_overrides
 
@@ -212,12 +212,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
               + "".join(f" --set {s}" for s in args.set or []) + ", every key resolved; add run-dir = \"DIR\" "
               "to choose the run directory")
         print(to_flwr_run_config(config), end="")
-    elif args.config or args.set:
-        print(json.dumps(config_to_dict(_config(args.config, args.set, default_quickstart=False)), indent=2))
+    elif args.config or args.set:  # resolved as `devft simulate [CONFIG] [--set …]` resolves it
+        print(json.dumps(config_to_dict(_config(args.config, args.set)), indent=2))
     else:
         quickstart = load_config(QUICKSTART) if QUICKSTART.exists() else None
-        print("# every key with its default, the value a TOML file or --set starts from; `devft simulate` "
-              f"without CONFIG runs {QUICKSTART.name}" + (", whose values differ where marked" if quickstart else ""))
+        print("# every key with its default, the value a TOML file starts from; `devft simulate` (and --set) "
+              f"without CONFIG start from {QUICKSTART.name}" + (", whose values differ where marked" if quickstart else ""))
         print(describe(quickstart))
     return 0
 

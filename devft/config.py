@@ -255,7 +255,7 @@ def config_from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a TOML config (sections as tables) and apply ``overrides`` (``section.field`` → value)."""
     values = _read_toml(Path(path)) if path is not None else {}
-    values.update(overrides or {})
+    values.update({_norm(k): v for k, v in (overrides or {}).items()})
     return config_from_flat(values)
 
 
@@ -273,7 +273,12 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is not None and not isinstance(parent, str):
         raise ValueError(f"config file {str(path)!r}: extends must be a file name (a string), got {parent!r}")
     values = _read_toml(path.parent / parent, (*seen, path.resolve())) if parent else {}
-    values.update(flatten(raw))
+    own: dict[str, Any] = {}
+    for key, value in flatten(raw).items():  # max-steps and max_steps are one key: normalised before merging
+        if _norm(key) in own:
+            raise ValueError(f"config file {str(path)!r} sets {_norm(key)} twice (as {key!r} too)")
+        own[_norm(key)] = value
+    values.update(own)
     return values
 
 

@@ -109,6 +109,17 @@ def test_config_listing_marks_what_the_quickstart_changes(capsys):
     assert "[quickstart:" not in name  # the quickstart keeps the default model
 
 
+def test_config_with_set_shows_what_simulate_with_set_runs(capsys):
+    import json
+
+    from devft.cli import main
+
+    assert main(["config", "--set", "lora.r=4"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    quickstart = load_config(REPO / "simulations" / "configs" / "quickstart.toml", {"lora.r": "4"})
+    assert shown["lora"]["r"] == 4 and shown["federation"]["num_rounds"] == quickstart.federation.num_rounds == 16
+
+
 def test_pyproject_app_config_is_the_quickstart():
     from flwr.common.config import flatten_dict
 
@@ -123,6 +134,15 @@ def test_extends_reads_the_parent_then_the_variant(tmp_path):
     (tmp_path / "variant.toml").write_text('extends = "base.toml"\n[federation]\nmethod = "fedit"\n')
     config = load_config(tmp_path / "variant.toml")
     assert (config.lora.r, config.federation.method, config.federation.seed) == (4, "fedit", 3)
+    # max-steps and max_steps are one key, across extends and --set alike; one file may not hold both
+    (tmp_path / "base.toml").write_text("[train]\nmax_steps = 10\n")
+    (tmp_path / "dashed.toml").write_text('extends = "base.toml"\n[train]\nmax-steps = 4\n')
+    assert load_config(tmp_path / "dashed.toml").train.max_steps == 4
+    assert load_config(tmp_path / "dashed.toml", {"train.max_steps": "7"}).train.max_steps == 7
+    assert load_config(tmp_path / "base.toml", {"train.max-steps": "7"}).train.max_steps == 7
+    (tmp_path / "both.toml").write_text("[train]\nmax_steps = 10\nmax-steps = 4\n")
+    with pytest.raises(ValueError, match=r"sets train.max_steps twice \(as 'train.max-steps' too\)"):
+        load_config(tmp_path / "both.toml")
     (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
     with pytest.raises(ValueError, match="extends itself"):
         load_config(tmp_path / "loop.toml")

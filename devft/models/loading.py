@@ -71,6 +71,7 @@ def _from_pretrained(source: Path | str, name: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-    except OSError as err:
-        raise ValueError(f"could not load model name={name!r}: {err}") from err
+    except (OSError, ValueError) as err:  # a folder that is no model raises either, e.g. about a tokenizer backend
+        raise ValueError(f"could not load model name={name!r} (is {str(source)!r} a causal LM's folder or hub "
+                         f"id?): {err}") from err
     return model, tokenizer

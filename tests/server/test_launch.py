@@ -286,7 +286,7 @@ def test_the_lock_is_released_by_its_last_holder_in_any_thread(tmp_path, monkeyp
             pass
 
 
-def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env, tmp_path, capsys):
+def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env, tmp_path, capsys, monkeypatch):
     # without a CONFIG, `devft eval --adapter RUN/adapter` reads RUN/config.json (the smoke run's tiny model
     # and data), not the quickstart's SmolLM2, onto which this adapter would not even load
     from devft.cli import main
@@ -301,6 +301,9 @@ def test_eval_of_a_runs_adapter_uses_that_runs_config(smoke_config, private_env,
     assert f"config: {run / 'config.json'}" in captured.err
     result = json.loads(captured.out)
     assert result["num_examples"] == 3 and result["eval_accuracy"] is None
+    monkeypatch.chdir(run / "adapter")  # `--adapter .` from inside the adapter: the same run's config
+    assert main(["eval", "--adapter", ".", "--set", "eval.max_examples=3"]) == 0
+    assert f"config: {(run / 'config.json').resolve()}" in capsys.readouterr().err
 
 
 def test_compare_with_seeds_runs_every_config_once_per_seed_seed_by_seed(smoke_config, private_env, tmp_path,

@@ -110,9 +110,18 @@ def test_smollm2_loads_from_cache_generates_paris_and_trains_a_step():
 def test_any_local_checkpoint_loads_by_path(tmp_path):
     source = load_model("tiny-qwen2")
     source.model.save_pretrained(tmp_path / "ckpt")
+    source.tokenizer.chat_template = source.tokenizer.chat_template + "{# this checkpoint's own #}"
     source.tokenizer.save_pretrained(tmp_path / "ckpt")
     loaded = load_model(str(tmp_path / "ckpt"))
     assert loaded.family.name == "qwen2" and loaded.num_layers == source.num_layers
     for (k, a), (_, b) in zip(source.model.state_dict().items(), loaded.model.state_dict().items()):
         assert torch.equal(a, b), k
-    assert loaded.tokenizer.chat_template  # ChatML carried over
+    assert loaded.tokenizer.chat_template.endswith("{# this checkpoint's own #}")  # its own, not the fallback
+
+
+def test_a_folder_that_is_no_model_is_named_as_model_name(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"could not load model name='.*adapter' \(is '.*adapter' a causal LM's "
+                                         r"folder or hub id\?\)"):
+        load_model(str(tmp_path / "adapter"))
