@@ -73,6 +73,15 @@ def _personal(model: torch.nn.Module, rule: AggregationRule, cfg: ConfigRecord, 
     return stored, personal_for_plan(stored, plan, personal_state(model, rule))
 
 
+def _require_downlink(model, rule, received: dict) -> None:
+    """Clients keep nothing but personal parts between messages: everything the rule sends must be here (a
+    tensor left out would silently keep whatever this process's model last held)."""
+    expected = rule.downlink(ServerState(lora=dict(lora_state(model))), full=True)
+    missing = sorted(set(expected) - set(received))
+    if missing:
+        raise KeyError(f"the message lacks {len(missing)} LoRA tensors of the submodel, e.g. {missing[0]!r}")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received submodel LoRA on this client's partition; reply with the LoRA and the costs."""
@@ -89,11 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     downlink = _arrays_to_state(msg.content["arrays"])
     if "frozen-digest" in cfg:  # FFA-LoRA's A is not sent: rebuilt from the seed and the plans, then checked
         downlink.update(rebuilt_frozen(config, rule, cfg, plan))
-    # Clients keep nothing but personal parts between rounds: everything the rule sends must be here.
-    expected = rule.downlink(ServerState(lora=dict(lora_state(model))), full=True)
-    missing = sorted(set(expected) - set(downlink))
-    if missing:
-        raise KeyError(f"the message lacks {len(missing)} LoRA tensors of the submodel, e.g. {missing[0]!r}")
+    _require_downlink(model, rule, downlink)
     stored, personal = _personal(model, rule, cfg, pid, server_round, plan) if rule.personalised else (None, None)
     seed = int(cfg["lora-seed"]) if rule.fresh_lora_each_round else None
     # Loads the adapters (+ base delta, FLoRA's fresh LoRA, FedSA's own B); FFA-LoRA also freezes A.
@@ -149,6 +154,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         adapters.update(rebuilt_frozen(config, rule, cfg, plan))
     set_base_delta(model, deltas)
     if rule.personalised:  # the shared parts from the message (a subset), this client's own from its disk
+        _require_downlink(model, rule, adapters)
         load_adapters(model, adapters)
         load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1, plan)[1])
     else:

@@ -120,6 +120,15 @@ def _load_saved_dataset(path: Path) -> list[Example]:
             raise ValueError(f"dataset at {path}: missing column {column!r} (columns: {loaded.column_names})")
     family = loaded.features.get("family")
     names = getattr(family, "names", None)  # a ClassLabel column holds ids: read them as their names
-    rows = ({**row, "family": names[row["family"]]} if names and row.get("family") is not None else row
-            for row in loaded)
+    rows = ({**row, "family": _class_name(names, row["family"], f"{path}, row {i}")}
+            if names and row.get("family") is not None else row for i, row in enumerate(loaded))
     return [_example(row, f"{path}, row {i}") for i, row in enumerate(rows)]
+
+
+def _class_name(names: list[str], label: int, where: str) -> str | None:
+    """A ClassLabel id as its name; -1 (how ``datasets`` writes a missing label) is no family."""
+    if label == -1:
+        return None
+    if not 0 <= label < len(names):
+        raise ValueError(f"{where}: field 'family' is class id {label}, outside the {len(names)} names {names}")
+    return names[label]

@@ -38,7 +38,7 @@ def total_steps(num_examples: int, settings: TrainSettings) -> int:
     """Optimiser steps a call will take on ``num_examples`` examples."""
     if settings.max_steps > 0:
         return settings.max_steps
-    per_epoch = math.ceil(num_examples / (settings.batch_size * settings.grad_accum))
+    per_epoch = math.ceil(math.ceil(num_examples / settings.batch_size) / settings.grad_accum)
     return max(1, math.ceil(per_epoch * settings.epochs))
 
 
@@ -58,13 +58,16 @@ def lr_lambda(settings: TrainSettings, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _micro_batches(encoded: list[dict], settings: TrainSettings, rng: random.Random):
-    """Endless stream of micro-batches: a fresh seeded shuffle every epoch."""
+def _step_batches(encoded: list[dict], settings: TrainSettings, rng: random.Random):
+    """Endless stream of optimiser steps, each ``grad_accum`` micro-batches of a fresh seeded shuffle every
+    epoch; an epoch's last step takes what is left of it, so an epoch is every example once."""
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
-        for start in range(0, len(order), settings.batch_size):
-            yield [encoded[i] for i in order[start : start + settings.batch_size]]
+        micro = [[encoded[i] for i in order[start : start + settings.batch_size]]
+                 for start in range(0, len(order), settings.batch_size)]
+        for start in range(0, len(micro), settings.grad_accum):
+            yield micro[start : start + settings.grad_accum]
 
 
 def train_lora(
@@ -94,7 +97,7 @@ def train_lora(
     num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     width = attention_width(config)
     rng = random.Random(settings.seed)
-    batches = _micro_batches(encoded, settings, rng)
+    batches = _step_batches(encoded, settings, rng)
     step_losses: list[float] = []
     seen = tokens = 0
     flops = 0.0
@@ -105,7 +108,7 @@ def train_lora(
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             # Token-weighted loss across the accumulated micro-batches.
-            micro = [next(batches) for _ in range(settings.grad_accum)]
+            micro = next(batches)
             batch_tensors = [collate(mb, tokenizer.pad_token_id) for mb in micro]
             target_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch_tensors)
             step_loss = 0.0

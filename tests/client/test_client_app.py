@@ -122,6 +122,23 @@ def test_a_message_missing_adapters_is_refused():
         app(_message(config, plan.to_json(), partial), _context(0))
 
 
+def test_a_personalised_evaluation_missing_a_shared_tensor_is_refused():
+    """FedSA-LoRA evaluates with the client's own B and the message's A: an A left out of the message would
+    silently keep whatever this process's model last held."""
+    config = dataclasses.replace(load_config(SMOKE), federation=dataclasses.replace(
+        load_config(SMOKE).federation, aggregation="fedsa"))
+    plan, lora = _stage0(config)
+    shared = {k: v for k, v in lora.items() if ".lora_A." in k}
+    message = _message(config, plan.to_json(), shared, MessageType.EVALUATE)
+    message.content["config"]["client-state-key"] = "k"
+    assert app(message, _context(2)).content["metrics"]["eval-loss"] > 0
+    partial = dict(list(shared.items())[1:])
+    message = _message(config, plan.to_json(), partial, MessageType.EVALUATE)
+    message.content["config"]["client-state-key"] = "k"
+    with pytest.raises(KeyError, match="lacks 1 LoRA"):
+        app(message, _context(2))
+
+
 def test_evaluate_and_partition_query():
     config = load_config(SMOKE)
     plan, lora = _stage0(config)

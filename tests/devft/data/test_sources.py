@@ -105,6 +105,13 @@ def test_saved_dataset_with_and_without_family(tmp_path: Path) -> None:
         **{k: datasets.Value("string") for k in columns}, "family": datasets.ClassLabel(names=["maths", "words"])}))
     labelled.save_to_disk(str(tmp_path / "labelled"))
     assert [e["family"] for e in load_examples(str(tmp_path / "labelled"))] == ["words", "maths"]  # names, not ids
+    missing = datasets.Dataset.from_dict({**columns, "family": [-1, 0]}, features=labelled.features)
+    missing.save_to_disk(str(tmp_path / "missing"))  # -1: how datasets writes a missing label
+    assert [e["family"] for e in load_examples(str(tmp_path / "missing"))] == ["user", "maths"]
+    from devft.data.sources import _class_name
+
+    with pytest.raises(ValueError, match=r"row 3: field 'family' is class id 2, outside the 2 names"):
+        _class_name(["maths", "words"], 2, "data, row 3")  # a column whose features were edited by hand
 
 
 def test_saved_dataset_dict_uses_train_split(tmp_path: Path) -> None:

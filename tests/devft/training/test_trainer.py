@@ -80,6 +80,15 @@ def test_evaluate_generates_and_scores_per_family(tiny):
     assert result.num_examples == 16
 
 
+@pytest.mark.parametrize("batch_size,grad_accum", [(8, 1), (8, 2), (4, 8), (3, 2)])
+def test_one_epoch_is_every_example_once_with_any_accumulation(tiny, batch_size, grad_accum):
+    loaded, model = tiny
+    examples = generate_task_suite(20, seed=5)
+    settings = TrainSettings(max_steps=0, epochs=1, batch_size=batch_size, grad_accum=grad_accum)
+    result = train_lora(model, loaded.tokenizer, examples, settings, 64)
+    assert result.num_examples == 20 and result.steps == total_steps(20, settings)
+
+
 def test_schedules_and_step_counts():
     cosine = lr_lambda(TrainSettings(schedule="cosine", warmup_steps=2), 10)
     assert cosine(0) == pytest.approx(0.5) and cosine(1) == pytest.approx(1.0)
