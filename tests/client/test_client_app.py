@@ -144,7 +144,19 @@ def test_evaluate_and_partition_query():
     plan, lora = _stage0(config)
     reply = app(_message(config, plan.to_json(), lora, MessageType.EVALUATE), _context(2))
     metrics = reply.content["metrics"]
-    assert metrics["eval-loss"] > 0 and metrics["num-examples"] > 0 and metrics["partition-id"] == 2
+    # the same loss as the submodel built here, with this LoRA, on partition 2's examples
+    from devft.data.federated import build_federated_data
+    from devft.growth import build_submodel
+    from devft.models import load_lora_state
+    from devft.training import eval_loss
+
+    base = load_model(config.model.name)
+    sub = attach_lora(build_submodel(base.model, plan, use_cache=False), config.lora)
+    load_lora_state(sub, lora)
+    examples = build_federated_data(config.data).partitions[2]
+    expected = eval_loss(sub, base.tokenizer, examples, config.eval.batch_size, config.data.max_length)
+    assert metrics["eval-loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["num-examples"] == len(examples) and metrics["partition-id"] == 2
     query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=7, message_type="query.partition")
     query.metadata.__dict__["_message_id"] = "m-2"
     assert app(query, _context(3)).content["config"]["partition-id"] == 3
