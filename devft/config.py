@@ -342,9 +342,8 @@ def to_flwr_run_config(config: RunConfig) -> str:
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, int | float):
-            if not math.isfinite(value):
-                raise ValueError(f"{key}={value!r} has no TOML form")
-            text = repr(value)
+            text = repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                             "inf" if value > 0 else "-inf")  # TOML's spellings
         else:
             # a TOML basic string: JSON's escapes, plus DEL, which TOML wants escaped and JSON leaves as it is
             text = json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -146,3 +146,15 @@ def test_extends_reads_the_parent_then_the_variant(tmp_path):
     (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
     with pytest.raises(ValueError, match="extends itself"):
         load_config(tmp_path / "loop.toml")
+
+
+def test_an_unbounded_reply_timeout_travels_to_flwr_run():
+    import math
+
+    from devft.config import flatten, to_flwr_run_config
+
+    config = load_config(None, {"federation.reply_timeout_s": "inf"})
+    text = to_flwr_run_config(config)
+    assert "federation.reply_timeout_s = inf\n" in text
+    back = config_from_flat(flatten(tomllib.loads(text)))
+    assert math.isinf(back.federation.reply_timeout_s) and back == config

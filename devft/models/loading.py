@@ -45,7 +45,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     if name in TINY_MODELS:
         model, tokenizer = tiny_model(name.removeprefix("tiny-"))
     else:
-        source = smollm2_dir() if name == DEFAULT_MODEL else name
+        expanded = Path(name).expanduser()  # ~/models/x is a path, as the shell would read it
+        source = smollm2_dir() if name == DEFAULT_MODEL else (expanded if expanded.exists() else name)
         model, tokenizer = _from_pretrained(source, name, dtype)
     model = model.to(dtype)
     model.eval()

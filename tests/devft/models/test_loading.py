@@ -119,6 +119,14 @@ def test_any_local_checkpoint_loads_by_path(tmp_path):
     assert loaded.tokenizer.chat_template.endswith("{# this checkpoint's own #}")  # its own, not the fallback
 
 
+def test_a_checkpoint_under_home_loads_by_a_tilde_path(tmp_path, monkeypatch):
+    source = load_model("tiny-llama")
+    source.model.save_pretrained(tmp_path / "models" / "mine")
+    source.tokenizer.save_pretrained(tmp_path / "models" / "mine")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_model("~/models/mine").num_layers == source.num_layers
+
+
 def test_a_folder_that_is_no_model_is_named_as_model_name(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
