@@ -61,6 +61,17 @@ def wait_for_summary(run_dir: Path, log: str) -> None:
     wait_for(lambda: (run_dir / "summary.json").exists(), 60, f"{run_dir / 'summary.json'}\n{log[-3000:]}")
 
 
+def start_link_and_nodes(procs: Processes, link: int, node_ports: list[int], caches: list[Path]) -> None:
+    """A SuperLink on ``link`` and one SuperNode per cache (partition k of that many, its own disk), connected."""
+    procs.start("superlink", superlink_cmd(link))
+    wait_for(lambda: listening(link), 60, "the SuperLink listening", procs.logs / "superlink.log")
+    for k, cache in enumerate(caches):
+        procs.start(f"node{k}", supernode_cmd(link, node_ports[k], k, len(caches)), DEVFT_CACHE=str(cache))
+    for k in range(len(caches)):
+        wait_for(lambda k=k: "SuperNode ID" in procs.log(f"node{k}"), 60, f"SuperNode {k} connected",
+                 procs.logs / f"node{k}.log")
+
+
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_run_devft_with_state_on_each_nodes_disk(private_env, run_inprocess,
                                                                                 smoke_config, tmp_path):
@@ -72,13 +83,7 @@ def test_superlink_and_two_supernodes_run_devft_with_state_on_each_nodes_disk(pr
     procs = Processes(env, tmp_path / "logs")
     start = time.monotonic()
     try:
-        procs.start("superlink", superlink_cmd(link))
-        wait_for(lambda: listening(link), 60, "the SuperLink listening", procs.logs / "superlink.log")
-        for k in range(2):
-            procs.start(f"node{k}", supernode_cmd(link, node_ports[k], k, 2), DEVFT_CACHE=str(caches[k]))
-        for k in range(2):
-            wait_for(lambda k=k: "SuperNode ID" in procs.log(f"node{k}"), 60, f"SuperNode {k} connected",
-                     procs.logs / f"node{k}.log")
+        start_link_and_nodes(procs, link, node_ports, caches)
         connected_s = time.monotonic() - start
         run_config = smoke_run_config(DEPLOY | {"run-dir": str(out)})
         code, log = flwr_cli(["run", ".", "deploy", "--stream", "--run-config", run_config], env, timeout=240,
@@ -205,13 +210,7 @@ def test_a_supernode_that_restarts_mid_run_gets_its_partition_back(private_env, 
         restarted.set()
 
     try:
-        procs.start("superlink", superlink_cmd(link))
-        wait_for(lambda: listening(link), 60, "the SuperLink listening", procs.logs / "superlink.log")
-        for k in range(2):
-            procs.start(f"node{k}", supernode_cmd(link, node_ports[k], k, 2), DEVFT_CACHE=str(caches[k]))
-        for k in range(2):
-            wait_for(lambda k=k: "SuperNode ID" in procs.log(f"node{k}"), 60, f"SuperNode {k} connected",
-                     procs.logs / f"node{k}.log")
+        start_link_and_nodes(procs, link, node_ports, caches)
         watcher = threading.Thread(target=restart_node_1_after_round_1, daemon=True)
         watcher.start()
         run_config = smoke_run_config(DEPLOY | {"federation.num_rounds": 4, "federation.eval_every": 4,
