@@ -116,6 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": result.loss,
         "train-steps": result.steps,
         "train-tokens": result.num_tokens,
+        "truncated-examples": result.truncated_examples,
         "train-s": result.wall_s,
         "train-flops": result.flops,
         "peak-rss-mb": result.peak_rss_mb,

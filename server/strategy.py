@@ -750,6 +750,7 @@ class DevFTStrategy(Strategy):
                     and math.isfinite(v)]
 
         train_s, flops, rss = values("train-s"), values("train-flops"), values("peak-rss-mb")
+        truncated = values("truncated-examples")
         total = sum(u.num_examples for u in ok)
         row = {
             "round": server_round,
@@ -785,6 +786,7 @@ class DevFTStrategy(Strategy):
             "peak_rss_mb": max(rss) if rss else None,
             "train_loss": sum(u.num_examples * float(u.metrics["train-loss"]) for u in ok) / total if ok else None,
             "num_examples": total,
+            "truncated_examples": int(sum(truncated)),  # of those, answers cut at data.max_length
             **evaluation,
             **r.client_eval,
         }
@@ -839,6 +841,7 @@ class DevFTStrategy(Strategy):
                 "clients_failed": int(sum(number(r, "clients_failed") for r in rows)),
                 "rounds_skipped": int(sum(1 for r in rows if not r.get("aggregated", True))),  # older rows lack it
                 "updates_clipped": int(sum(len(r.get("clipped") or ()) for r in rows)),
+                "truncated_examples": int(sum(number(r, "truncated_examples") for r in rows)),
             },
             "final": {
                 "round": last.get("round"),

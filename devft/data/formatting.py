@@ -71,8 +71,9 @@ def _check_max_length(max_length: int) -> None:
 
 def encode_for_training(
     tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
-) -> dict[str, list[int]]:
-    """Encode an example for causal-LM training: ``input_ids`` and ``labels`` (-100 on prompt tokens).
+) -> dict[str, list[int] | int]:
+    """Encode an example for causal-LM training: ``input_ids`` and ``labels`` (-100 on prompt tokens), and
+    ``response_cut``, how many response tokens the truncation dropped (its end-of-turn token among them).
 
     At most ``max_length`` tokens; see the module docstring for how prompt and response are truncated.
     """
@@ -81,11 +82,13 @@ def encode_for_training(
     prompt, response = _tokens(tokenizer, prompt_text), _tokens(tokenizer, response_text)
     if not response:
         raise ValueError(f"example has no response tokens to train on (output={example['output']!r})")
+    whole = len(response)
     if len(prompt) + len(response) > max_length:
         keep_response = min(len(response), max(max_length - len(prompt), max_length // 2))
         response = response[:keep_response]
         prompt = prompt[len(prompt) - (max_length - keep_response) :]
-    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response,
+            "response_cut": whole - len(response)}
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> list[int]:

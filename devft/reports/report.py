@@ -51,6 +51,11 @@ def write_report(run_dir: str | Path) -> Path:
                 f"- of those bytes, evaluation messages: {mib(totals.get('eval_bytes_up'))} MiB up, "
                 f"{mib(totals.get('eval_bytes_down'))} MiB down (the rest is training)"
             )
+        if totals and totals.get("truncated_examples"):
+            lines.append(
+                f"- {fmt(totals.get('truncated_examples'))} training examples (counted once per client and round) "
+                "lost the end of their answer at data.max_length: they train on answers that never end"
+            )
         if totals and any(k in totals for k in ("clients_failed", "rounds_skipped", "updates_clipped")):
             lines.append(
                 f"- {fmt(totals.get('clients_failed'))} client failures, {fmt(totals.get('rounds_skipped'))} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -16,6 +17,8 @@ from devft.data.formatting import collate, encode_for_training
 from devft.metrics.memory import PeakMemory
 from devft.training.flops import attention_width, lora_training_flops, matmul_parameter_counts
 from devft.training.settings import TrainSettings
+
+log = logging.getLogger(__name__)
 
 Example = dict[str, str]
 
@@ -32,6 +35,7 @@ class TrainResult:
     flops: float  # estimate, see devft.training.flops
     peak_rss_mb: float
     peak_cuda_mb: float = 0.0
+    truncated_examples: int = 0  # examples whose answer lost its end to max_length (they never learn to stop)
 
 
 def total_steps(num_examples: int, settings: TrainSettings) -> int:
@@ -85,6 +89,10 @@ def train_lora(
     if len(examples) == 0:
         raise ValueError("train_lora got 0 examples")
     encoded = [encode_for_training(tokenizer, ex, max_length) for ex in examples]
+    truncated = sum(1 for e in encoded if e["response_cut"])
+    if truncated:
+        log.warning("%d of %d examples lose the end of their answer at max_length=%d (data.max_length): they "
+                    "train on answers that never end", truncated, len(encoded), max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_lora: the model has no trainable parameters (attach LoRA first)")
@@ -148,4 +156,5 @@ def train_lora(
         flops=flops,
         peak_rss_mb=memory.peak_rss_mb,
         peak_cuda_mb=memory.peak_cuda_mb,
+        truncated_examples=truncated,
     )

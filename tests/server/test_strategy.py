@@ -546,6 +546,15 @@ def test_bad_metrics_and_unexpected_replies_are_failures_not_a_failed_round(smok
                                        "reason": "a second reply this round"}]
 
 
+def test_the_row_counts_the_accepted_clients_truncated_examples(smoke_config, private_env, tmp_path):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    ones = {k: torch.ones_like(v) for k, v in sub.items()}
+    replies = [_reply_with(by_pid[p], ones, {"num-examples": 10, "train-loss": 1.0, "truncated-examples": p})
+               for p in range(4)]
+    strategy.aggregate_train(1, replies)
+    assert strategy._row(1, 0, 4, 1.0, 0.0, {}, False)["truncated_examples"] == 0 + 1 + 2 + 3
+
+
 def test_a_reply_the_superlink_gives_for_a_lost_node_is_that_partitions_one_failure(smoke_config, private_env,
                                                                                      tmp_path):
     """A SuperNode that dies mid-round: the SuperLink answers its message with an error, sent from the

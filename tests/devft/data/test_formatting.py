@@ -89,6 +89,8 @@ def test_long_response_keeps_half_the_budget(byte_tok) -> None:
     assert len(encoded["input_ids"]) == 30
     assert byte_tok.decode(_response_labels(encoded)) == "x" * 15
     assert byte_tok.decode(encoded["input_ids"][:15]) == "Hi<|im_end|>\n<|im_start|>assistant\n"
+    assert encoded["response_cut"] == 50 + 1 - 15  # 50 x's and <|im_end|> (one token each), 15 kept
+    assert encode_for_training(byte_tok, HI_OK, max_length=30)["response_cut"] == 0
 
 
 @pytest.mark.parametrize("max_length", [2, 3, 5, 21, 22, 40])

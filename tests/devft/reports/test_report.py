@@ -113,12 +113,13 @@ def test_the_report_lists_failures_skips_and_bounded_updates(tmp_path):
                    ignored_replies=[{"node": 7, "partition": 2, "reason": "a second reply this round"}])
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    summary["totals"].update(clients_failed=1, rounds_skipped=1, updates_clipped=1)
+    summary["totals"].update(clients_failed=1, rounds_skipped=1, updates_clipped=1, truncated_examples=7)
     (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
 
     report = write_report(tmp_path / "run").read_text()
 
     assert "- 1 client failures, 1 rounds skipped, 1 updates scaled back onto the norm bound" in report
+    assert "- 7 training examples (counted once per client and round) lost the end of their answer" in report
     assert "- round 1: partition 3 failed: client raised: boom" in report
     assert "- round 1: the update of partition 1 (norm 5e+06) was scaled by 5e-07 onto the bound 2.5" in report
     assert "- round 2: update skipped: 1 valid replies < federation.min_replies=2" in report

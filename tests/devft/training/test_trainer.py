@@ -89,6 +89,17 @@ def test_one_epoch_is_every_example_once_with_any_accumulation(tiny, batch_size,
     assert result.num_examples == 20 and result.steps == total_steps(20, settings)
 
 
+def test_examples_whose_answer_is_cut_are_counted_and_named(tiny, caplog):
+    loaded, model = tiny
+    examples = generate_task_suite(6, seed=6)
+    examples[1] = {**examples[1], "output": "y" * 200}
+    examples[4] = {**examples[4], "output": "z" * 300}
+    with caplog.at_level("WARNING", logger="devft.training.trainer"):
+        result = train_lora(model, loaded.tokenizer, examples, TrainSettings(max_steps=1, batch_size=6), 64)
+    assert result.truncated_examples == 2
+    assert "2 of 6 examples lose the end of their answer at max_length=64 (data.max_length)" in caplog.text
+
+
 def test_schedules_and_step_counts():
     cosine = lr_lambda(TrainSettings(schedule="cosine", warmup_steps=2), 10)
     assert cosine(0) == pytest.approx(0.5) and cosine(1) == pytest.approx(1.0)
