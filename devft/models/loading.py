@@ -73,6 +73,8 @@ def _from_pretrained(source: Path | str, name: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except (OSError, ValueError) as err:  # a folder that is no model raises either, e.g. about a tokenizer backend
+        taken_as = "" if looks_like_path else (f"; there is no folder {Path(str(source)).resolve()}, so it was "
+                                               "read as a Hugging Face id")
         raise ValueError(f"could not load model name={name!r} (is {str(source)!r} a causal LM's folder or hub "
-                         f"id?): {err}") from err
+                         f"id?{taken_as}): {err}") from err
     return model, tokenizer

@@ -1,5 +1,8 @@
 """The model substrate: embedded names, families, clear errors, and LoRA state round trips."""
 
+import re
+
+import huggingface_hub
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -133,3 +136,12 @@ def test_a_folder_that_is_no_model_is_named_as_model_name(tmp_path):
     with pytest.raises(ValueError, match=r"could not load model name='.*adapter' \(is '.*adapter' a causal LM's "
                                          r"folder or hub id\?\)"):
         load_model(str(tmp_path / "adapter"))
+
+
+def test_a_mistyped_relative_path_says_it_was_read_as_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no test waits on the hub
+    with pytest.raises(ValueError, match=rf"there is no folder {re.escape(str(tmp_path / 'models' / 'mnie'))}, "
+                                         r"so it was read as a Hugging Face id"):
+        load_model("models/mnie")
