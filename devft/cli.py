@@ -145,11 +145,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from devft.central import run_central
 
     config = _config(args.config, args.set)
-    summary = run_central(config, args.out)
-    b, a = summary["before"], summary["after"]
+    summary = run_central(config, args.out, budget=args.budget)
+    b, a, spent = summary["before"], summary["after"], summary["budget"]
+    how = (f"the federated budget: {spent['num_rounds']} rounds x {spent['clients_per_round']} clients x "
+           f"{spent['steps_per_client_call']} steps" if args.budget == "federated" else "train.* as set")
     print(f"before: eval loss {b['loss']:.4f}, accuracy {b['accuracy']}")
     print(f"after:  eval loss {a['loss']:.4f}, accuracy {a['accuracy']}  ({summary['train']['steps']} steps, "
-          f"{summary['train']['wall_s']:.0f} s)")
+          f"{how}; {summary['train']['wall_s']:.0f} s)")
     print(f"adapter: {Path(args.out) / 'adapter'}")
     return 0
 
@@ -271,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="centralised LoRA training on all clients' data (upper bound)")
     with_config(p, "TOML config (default: the quickstart)")
     p.add_argument("--out", default="runs/central", help="output directory (default: runs/central)")
+    p.add_argument("--budget", choices=("federated", "train"), default="federated",  # devft.central.BUDGETS
+                   help="federated (default): as many optimiser steps as a federated run of this config takes "
+                        "over all its clients (num_rounds x clients_per_round x one client call's steps); "
+                        "train: one call with train.* as set")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on the full model")

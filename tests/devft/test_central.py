@@ -19,9 +19,10 @@ def test_train_then_eval_its_adapter(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     out = tmp_path / "central"
-    assert main(["train", str(SMOKE), "--out", str(out), "--set", "train.max_steps=6"]) == 0
+    assert main(["train", str(SMOKE), "--out", str(out), "--set", "train.max_steps=6", "--budget", "train"]) == 0
     summary = json.loads((out / "central.json").read_text())
     assert summary["train"]["steps"] == 6 and summary["train_examples"] > 0
+    assert summary["budget"] == {"budget": "train"}
     assert summary["after"]["loss"] < summary["before"]["loss"]  # six steps on the training data help
     printed = capsys.readouterr().out
     assert f"after:  eval loss {summary['after']['loss']:.4f}" in printed and str(out / "adapter") in printed
@@ -32,6 +33,35 @@ def test_train_then_eval_its_adapter(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert f"config: {out / 'config.json'}" in captured.err
     assert json.loads(captured.out)["eval_loss"] == pytest.approx(summary["after"]["loss"], rel=1e-4)
+
+
+def test_train_gets_the_federated_runs_budget_by_default(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from devft.cli import main
+
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    out = tmp_path / "central"
+    overrides = ["federation.num_rounds=3", "federation.clients_per_round=2", "train.max_steps=1",
+                 "eval.generate=false"]
+    assert main(["train", str(SMOKE), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 0
+    summary = json.loads((out / "central.json").read_text())
+    assert summary["budget"] == {"budget": "federated", "steps": 6, "num_rounds": 3, "clients_per_round": 2,
+                                 "steps_per_client_call": 1}
+    assert summary["train"]["steps"] == 6  # 3 rounds x 2 clients x 1 step, not one client call's 1
+    assert "6 steps, the federated budget: 3 rounds x 2 clients x 1 steps" in capsys.readouterr().out
+
+
+def test_the_federated_budget_under_epochs_is_the_mean_client_call():
+    from devft.central import federated_budget
+    from devft.config import load_config, parse_overrides
+
+    config = load_config(SMOKE, parse_overrides(["train.max_steps=0", "train.epochs=1", "train.batch_size=4",
+                                                 "federation.num_rounds=5", "federation.clients_per_round=2"]))
+    # partitions of 10, 30 and 20 examples: 3, 8 and 5 batches of 4, a mean client call of 5.33 -> 5 steps
+    assert federated_budget(config, [10, 30, 20]) == {"steps": 50, "num_rounds": 5, "clients_per_round": 2,
+                                                      "steps_per_client_call": 5}
 
 
 @pytest.mark.parametrize("steps", ["-1", "2.5"])
