@@ -51,7 +51,7 @@ from devft.aggregation.client_side import (
 )
 from devft.growth import GrowthPlan, PersonalLoRA, after_training, personal_for_plan
 from devft.models import LoraState, load_lora_state, lora_state
-from devft.training import eval_loss, train_lora
+from devft.training import eval_loss_and_tokens, train_lora
 from devft.training import evaluate as evaluate_model
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,18 @@ def evaluate(msg: Message, context: Context) -> Message:
         load_adapters(model, _personal(model, rule, cfg, pid, int(cfg["server-round"]) + 1, plan)[1])
     else:
         load_lora_state(model, adapters)
+    metrics = MetricRecord({"partition-id": pid})
     if cfg.get("eval-split") == "test":  # the run's held-out evaluation, exactly as the server runs it
         result = evaluate_model(model, tokenizer, held_out(config), config.eval, config.data.max_length)
         loss, count = result.loss, result.num_examples
-    else:
+    else:  # the partition's training data: a training-set loss of the submodel
         examples = local_partition(config, pid)
-        loss, count, result = eval_loss(model, tokenizer, examples, config.eval.batch_size,
-                                        config.data.max_length), len(examples), None
+        (loss, tokens), count, result = eval_loss_and_tokens(model, tokenizer, examples, config.eval.batch_size,
+                                                             config.data.max_length), len(examples), None
+        metrics["eval-tokens"] = tokens  # the server pools the clients' losses per token, as one set's
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation loss is {loss}")
-    metrics = MetricRecord({"num-examples": count, "eval-loss": loss, "partition-id": pid})
+    metrics["num-examples"], metrics["eval-loss"] = count, loss
     if result is not None and result.accuracy is not None:
         metrics["eval-accuracy"] = float(result.accuracy)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -63,7 +63,7 @@ class FederationSettings:
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs per simulated client (Ray resources)."})
     client_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per simulated client (Ray resources)."})
     client_eval: bool = field(
-        default=False, metadata={"help": "Also evaluate the submodel LoRA on the sampled clients' data each eval round."}
+        default=False, metadata={"help": "Also evaluate the submodel LoRA on the sampled clients' training partitions each eval round (client_eval_loss: a training-set loss, pooled per response token)."}
     )
     wire_dtype: str = field(default="float32", metadata={"help": "dtype of LoRA arrays on the wire: float32 or float16."})
     wire_format: str = field(

@@ -467,7 +467,7 @@ class DevFTStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' evaluation losses (errors are logged and left out)."""
+        """The clients' evaluation losses pooled per response token (errors are logged and left out)."""
         means, count = self._mean_eval(server_round, replies)
         if "eval-loss" not in means:
             return None
@@ -475,9 +475,11 @@ class DevFTStrategy(Strategy):
         return MetricRecord({"client-eval-loss": means["eval-loss"]})
 
     def _mean_eval(self, server_round: int, replies: Iterable[Message]) -> tuple[dict[str, float], int]:
-        """Example-weighted means of ``eval-loss`` (and of ``eval-accuracy`` when every counted reply has one)
-        over the replies (counting their bytes), and how many replies were counted."""
-        rows: list[tuple[float, float, float | None]] = []  # (examples, loss, accuracy)
+        """Means of ``eval-loss`` (and of ``eval-accuracy`` when every counted reply has one) over the replies
+        (counting their bytes), and how many replies were counted. The loss is weighted by response tokens
+        when every counted reply says how many (``eval-tokens``: the pooled loss of their sets, as the server's
+        own is), else by examples; accuracy by examples."""
+        rows: list[tuple[float, float, float | None, float | None]] = []  # (examples, loss, accuracy, tokens)
         for reply in replies:
             size = wire_bytes(reply)
             self._round.bytes_up += size
@@ -487,17 +489,20 @@ class DevFTStrategy(Strategy):
                 continue
             metrics = next(iter(reply.content.metric_records.values()), None) or {}
             loss, n, acc = metrics.get("eval-loss"), metrics.get("num-examples"), metrics.get("eval-accuracy")
+            tokens = metrics.get("eval-tokens")
             if isinstance(loss, float) and isinstance(n, int | float) and 0 < n <= MAX_EXAMPLES and math.isfinite(loss):
-                rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None))
+                rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None,
+                             float(tokens) if isinstance(tokens, int) and 0 < tokens <= MAX_EXAMPLES else None))
             else:
                 log.warning("round %d: an evaluation reply with eval-loss=%r and num-examples=%r left out",
                             server_round, loss, n)
         if not rows:
             return {}, 0
-        total = sum(n for n, _, _ in rows)
-        means = {"eval-loss": sum(n * x for n, x, _ in rows) / total}
-        if all(a is not None for _, _, a in rows):
-            means["eval-accuracy"] = sum(n * a for n, _, a in rows) / total  # type: ignore[operator]
+        weights = [t for *_, t in rows] if all(t is not None for *_, t in rows) else [n for n, *_ in rows]
+        means = {"eval-loss": sum(w * x for w, (_, x, _, _) in zip(weights, rows)) / sum(weights)}
+        if all(a is not None for _, _, a, _ in rows):
+            examples = sum(n for n, *_ in rows)
+            means["eval-accuracy"] = sum(n * a for n, _, a, _ in rows) / examples  # type: ignore[operator]
         return means, len(rows)
 
     # ------------------------------------------------------------------ the loop

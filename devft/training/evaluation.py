@@ -34,11 +34,19 @@ class EvalResult:
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt input, reference, answer)
 
 
-@torch.no_grad()
 def eval_loss(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int, max_length: int
 ) -> float:
     """Mean cross-entropy per response token over ``examples`` (teacher forcing)."""
+    return eval_loss_and_tokens(model, tokenizer, examples, batch_size, max_length)[0]
+
+
+@torch.no_grad()
+def eval_loss_and_tokens(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int, max_length: int
+) -> tuple[float, int]:
+    """:func:`eval_loss` and the number of response tokens it averages over (the weight that pools losses of
+    several sets into the loss of their union)."""
     model.eval()
     device = next(model.parameters()).device
     total = 0.0
@@ -55,7 +63,7 @@ def eval_loss(
             )
         )
         count += int((labels != -100).sum())
-    return total / max(1, count)
+    return total / max(1, count), count
 
 
 @torch.no_grad()

@@ -157,6 +157,12 @@ def test_evaluate_and_partition_query():
     expected = eval_loss(sub, base.tokenizer, examples, config.eval.batch_size, config.data.max_length)
     assert metrics["eval-loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["num-examples"] == len(examples) and metrics["partition-id"] == 2
+    # the response tokens that loss averages over, counted here from the encoded examples
+    from devft.data.formatting import encode_for_training
+
+    tokens = sum(sum(label != -100 for label in encode_for_training(base.tokenizer, ex, config.data.max_length)
+                     ["labels"][1:]) for ex in examples)
+    assert metrics["eval-tokens"] == tokens
     query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=7, message_type="query.partition")
     query.metadata.__dict__["_message_id"] = "m-2"
     assert app(query, _context(3)).content["config"]["partition-id"] == 3

@@ -1004,6 +1004,21 @@ def test_fedsa_client_eval_sends_the_clients_a_alone(smoke_config, private_env, 
     assert evaluated and all(math.isfinite(r["client_eval_loss"]) for r in evaluated)
 
 
+def test_client_eval_pools_the_clients_losses_per_response_token(smoke_config, private_env, one_thread, tmp_path):
+    """``client_eval_loss`` is the loss over the union of the evaluated partitions, as one set's: each client's
+    loss weighted by its response tokens, not by its examples (answers differ in length between partitions)."""
+    config = smoke_config(federation__client_eval=True, federation__num_rounds=1, federation__method="fedit")
+    grid = run_recorded(config, tmp_path / "run")
+    metrics = [reply.content["metrics"] for m, reply in grid.pairs if m.metadata.message_type == MessageType.EVALUATE
+               and m.content["config"]["eval-split"] == "train"]
+    assert len(metrics) == config.federation.clients_per_round
+    pooled = sum(m["eval-loss"] * m["eval-tokens"] for m in metrics) / sum(m["eval-tokens"] for m in metrics)
+    per_example = sum(m["eval-loss"] * m["num-examples"] for m in metrics) / sum(m["num-examples"] for m in metrics)
+    (row,) = rows(tmp_path / "run")
+    assert row["client_eval_loss"] == pytest.approx(pooled, rel=1e-12)
+    assert abs(pooled - per_example) > 1e-6  # the two weightings differ on these partitions
+
+
 @pytest.mark.parametrize(("method", "rounds", "stages"), [("devft", 4, [0, 0, 1, 1]), ("progfed", 2, [0, 1])])
 def test_fedsa_with_growth_moves_each_clients_b_through_the_stages(
     method, rounds, stages, smoke_config, private_env, one_thread, monkeypatch, tmp_path
