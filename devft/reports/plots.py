@@ -27,7 +27,8 @@ def plot_run(run: RunRecords, out_dir: Path) -> list[Path]:
     for key, style in (("train_loss", "-"), ("submodel_eval_loss", ":"), ("eval_loss", "-o")):
         xs, ys = run.series(key)
         if xs:
-            ax.plot(xs, ys, style, label=key.replace("_", " "))
+            label = key.replace("_", " ")
+            ax.plot(xs, ys, style, label=_legend(label, [run]) if key.endswith("eval_loss") else label)
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
     ax.set_title(f"{run.label}: loss")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,14 @@ from devft.reports.tables import (
 log = logging.getLogger(__name__)
 
 
+def _planned_rounds(run_dir: Path) -> str:
+    """``federation.num_rounds`` from the run's config.json, or "?" where it cannot be read."""
+    try:
+        return str(int(json.loads((run_dir / "config.json").read_text())["federation"]["num_rounds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for the run in ``run_dir``; returns the report's path."""
     run = read_run(run_dir)
@@ -35,10 +44,10 @@ def write_report(run_dir: str | Path) -> Path:
         ]
         final = s.get("final") or {}
         if final:
-            lines.append(
-                f"- final full-model eval loss {fmt(final.get('eval_loss'))}, exact-match accuracy "
-                f"{fmt(final.get('eval_accuracy'))}"
-            )
+            of = ("mean held-out eval loss of the sampled clients' own (personalised) models"
+                  if run.personalised_eval else "full-model eval loss")
+            lines.append(f"- final {of} {fmt(final.get('eval_loss'))}, exact-match accuracy "
+                         f"{fmt(final.get('eval_accuracy'))}")
         totals = s.get("totals") or {}
         if totals:
             lines.append(
@@ -61,6 +70,10 @@ def write_report(run_dir: str | Path) -> Path:
                 f"- {fmt(totals.get('clients_failed'))} client failures, {fmt(totals.get('rounds_skipped'))} "
                 f"rounds skipped, {fmt(totals.get('updates_clipped'))} updates scaled back onto the norm bound"
             )
+    else:
+        planned = _planned_rounds(run.path)
+        lines.append(f"- the run has not finished (no summary.json): {len(run.rounds)} of {planned} rounds "
+                     "recorded; `devft simulate … --resume` goes on from the last one")
     lines += ["", "## Rounds", ""]
     header = "| round | stage | layers | ok/sampled | failed | MiB up | MiB down | train loss | eval loss | eval acc | round s | check s | agg s | peak RSS MiB |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

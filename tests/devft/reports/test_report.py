@@ -145,3 +145,19 @@ def test_a_damaged_run_directory_is_named_not_a_traceback(tmp_path, metrics, sum
 def test_an_interrupted_last_line_is_left_out(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"round": 1, "eval_loss": 2.0}\n{"round": 2, "eval_lo')
     assert read_run(tmp_path).series("eval_loss") == ([1], [2.0])
+
+
+def test_a_personalised_runs_report_does_not_call_its_loss_the_full_models(tmp_path):
+    _write_run(tmp_path / "fedsa", "devft", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20], eval_kind="personalised-clients-mean")
+    report = write_report(tmp_path / "fedsa").read_text()
+    assert "final mean held-out eval loss of the sampled clients' own (personalised) models 1.2" in report
+    assert "full-model" not in report
+    _write_run(tmp_path / "fedit", "fedit", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20])
+    assert "final full-model eval loss 1.2" in write_report(tmp_path / "fedit").read_text()
+
+
+def test_the_report_of_an_unfinished_run_says_so(tmp_path):
+    _write_run(tmp_path / "cut", "devft", [3.0, 2.0], [10, 10], config=RunConfig())
+    (tmp_path / "cut" / "summary.json").unlink()
+    report = write_report(tmp_path / "cut").read_text()
+    assert f"has not finished (no summary.json): 2 of {RunConfig().federation.num_rounds} rounds recorded" in report
