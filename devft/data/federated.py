@@ -12,6 +12,7 @@ and gets the same partitions. The test set shares no ``(instruction, input)`` wi
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from itertools import accumulate
@@ -20,6 +21,8 @@ from devft.data.partition import family_histogram, partition_indices
 from devft.data.settings import DataSettings
 from devft.data.sources import load_examples
 from devft.data.tasks import Example, check_families, generate_task_suite
+
+log = logging.getLogger(__name__)
 
 TEST_SEED_OFFSET = 1_000_003
 """The task-suite test set is generated with ``seed + TEST_SEED_OFFSET``."""
@@ -91,9 +94,21 @@ def build_federated_data(settings: DataSettings) -> FederatedData:
                 f"source={settings.source!r} has {len(examples)} examples: not enough for num_test="
                 f"{settings.num_test} held-out examples plus training"
             )
-        test = [examples[i] for i in order[: settings.num_test]]
-        test_keys = {_key(e) for e in test}
-        train = [examples[i] for i in order[settings.num_test :] if _key(examples[i]) not in test_keys]
+        test, test_keys = [], set()
+        for i in order:  # the first num_test distinct (instruction, input) pairs of the shuffle
+            if len(test) == settings.num_test:
+                break
+            if _key(examples[i]) not in test_keys:
+                test.append(examples[i])
+                test_keys.add(_key(examples[i]))
+        if len(test) < settings.num_test:
+            raise ValueError(f"source={settings.source!r} has {len(test_keys)} distinct (instruction, input) pairs: "
+                             f"not enough for num_test={settings.num_test} held-out examples plus training")
+        train = [examples[i] for i in order if _key(examples[i]) not in test_keys]
+        if len(train) < settings.num_train:
+            log.warning("source=%r leaves %d training examples besides the %d held out (repeats of a held-out "
+                        "pair are left out too): fewer than num_train=%d", settings.source, len(train),
+                        settings.num_test, settings.num_train)
         train = train[: settings.num_train]
     indices = partition_indices(
         train,

@@ -83,3 +83,19 @@ def test_user_data_too_small_for_the_test_set(tmp_path: Path) -> None:
     path.write_text(json.dumps({"instruction": "a", "output": "b"}), encoding="utf-8")
     with pytest.raises(ValueError, match="not enough for num_test=1"):
         build_federated_data(DataSettings(source=str(path), num_test=1, num_train=1, num_clients=1))
+
+
+def test_user_data_holds_out_distinct_examples_and_says_when_training_falls_short(tmp_path: Path, caplog) -> None:
+    # 8 distinct pairs, each written 5 times: a held-out set of 4 must be 4 different pairs
+    records = [{"instruction": f"Echo {i % 8}.", "input": "", "output": str(i % 8)} for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        data = build_federated_data(DataSettings(source=str(path), num_train=30, num_test=4, num_clients=2,
+                                                 partition="iid"))
+    assert len(data.test) == 4 and len(_keys(data.test)) == 4
+    train = [e for p in data.partitions for e in p]
+    assert len(train) == 20 and not _keys(train) & _keys(data.test)  # the 4 other pairs, 5 copies each
+    assert "leaves 20 training examples besides the 4 held out" in caplog.text and "num_train=30" in caplog.text
+    with pytest.raises(ValueError, match="has 8 distinct .* not enough for num_test=9"):
+        build_federated_data(DataSettings(source=str(path), num_train=30, num_test=9, num_clients=2))
