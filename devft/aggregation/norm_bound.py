@@ -48,13 +48,15 @@ def distances(updates: Sequence[Any], origin: Mapping[str, torch.Tensor]) -> lis
 
 
 def moved_towards(source: Any, origins: Mapping[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
-    """Every tensor of ``source``, those in ``origins`` replaced by ``o + factor · (x − o)`` (``x``'s dtype)."""
+    """Every tensor of ``source``, those in ``origins`` replaced by ``o + factor · (x − o)`` (``x``'s dtype);
+    with ``factor`` 0, by ``o`` itself, also where ``x`` holds an Inf (0 · Inf would be NaN)."""
     out = {}
     for key in source.keys():
         x = source.tensor(key)
         if key in origins:
             o = origins[key].to(device=x.device, dtype=torch.float64)
-            x = (o + factor * (x.double() - o)).to(x.dtype)
+            moved = o.expand_as(x) if factor == 0 else o + factor * (x.double() - o)
+            x = moved.to(x.dtype).clone(memory_format=torch.contiguous_format)
         out[key] = x
     return out
 
@@ -103,9 +105,10 @@ def bound_updates(rule: AggregationRule, state: ServerState, updates: Sequence[A
                   ratio: float = 0.0) -> BoundedUpdates:
     """Measure every reply's update against ``state`` (what the clients started from) and scale back those
     longer than the round's bound (:func:`round_bound`). An update of infinite length is scaled to 0:
-    the client then contributes exactly what it received."""
+    the client then contributes exactly what it received. A NaN norm (of an update holding NaN or Inf;
+    the server refuses those before it bounds) counts as infinite, never as within the bound."""
     sources = as_sources(updates)
-    norms = rule.update_norms(state, sources)
+    norms = [math.inf if math.isnan(n) else n for n in rule.update_norms(state, sources)]
     bound = round_bound(norms, max_norm, ratio)
     out, scales = list(updates), [1.0] * len(norms)
     if bound is not None:

@@ -210,6 +210,7 @@ class _Launch:
     elements: list[list[torch.Tensor]]  # [client][run], contiguous (kept alive: the addresses point into them)
     addresses: np.ndarray  # int64 [clients, runs]
     vec: int
+    tables: tuple[torch.Tensor, ...]  # block_tables(runs): held here, so a launch never rebuilds them
     ptrs: torch.Tensor | None = None  # the addresses on the device (set once all groups are prepared)
 
 
@@ -252,9 +253,8 @@ class PreparedWeightedSum:
         vec = VECTOR_BYTES // group.itemsize
         aligned = (not (addresses % VECTOR_BYTES).any() and all(n % vec == 0 for n in runs)
                    and flat.data_ptr() % VECTOR_BYTES == 0)
-        if runs:
-            block_tables(runs, self.config.block, self.device)  # built (and cached) now, not in launch
-        return _Launch(group, flat, runs, elements, addresses, vec if aligned else 1)
+        tables = block_tables(runs, self.config.block, self.device) if runs else ()  # now, not in launch
+        return _Launch(group, flat, runs, elements, addresses, vec if aligned else 1, tables)
 
     def device_weights(self, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """``weights`` as a float64 tensor on the device: a sequence or CPU tensor is checked (one finite
@@ -297,7 +297,7 @@ class PreparedWeightedSum:
             for ln in self.launches:
                 if not ln.runs:
                     continue
-                block_run, block_start, sizes, offsets = block_tables(ln.runs, self.config.block, self.device)
+                block_run, block_start, sizes, offsets = ln.tables
                 _kernel(self.device.type == "cpu")[(block_run.numel(),)](
                     ln.ptrs, cast[ln.flat.dtype], ln.flat, block_run, block_start, sizes, offsets, self.flags,
                     ln.elements[0][0], len(self.sources), len(ln.runs),

@@ -68,7 +68,7 @@ def independent(updates, weights) -> dict[str, torch.Tensor]:
     """Stack in fp64 and contract with the weights: no loop shared with any implementation."""
     w = torch.tensor(weights, dtype=torch.float64)
     return {
-        key: torch.einsum("k,k...->...", w, torch.stack([u[key].double() for u in updates]))
+        key: torch.einsum("k,k...->...", w, torch.stack([u[key].double().cpu() for u in updates]))
         for key in updates[0]
     }
 

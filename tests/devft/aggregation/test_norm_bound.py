@@ -196,3 +196,18 @@ def test_an_update_of_infinite_length_is_scaled_to_what_the_client_received(star
     out = bound_updates(rule, state, [far, far], max_norm=1.0)
     assert out.norms == [math.inf, math.inf] and out.scales == [0.0, 0.0]
     assert all(torch.equal(out.updates[0][k], state.lora[k]) for k in start)
+
+
+@pytest.mark.parametrize("name", ["fedit", "flora"])
+def test_an_update_holding_inf_is_scaled_to_its_origin_not_to_nan(name, start):
+    # the server refuses non-finite replies before bounding; called directly, "scaled to 0" still means
+    # the origin (B = 0 for flora), not 0 · Inf = NaN
+    rule = get_rule(name, alpha=ALPHA)
+    state = rule.init_state(start)
+    bad = {k: v.clone() for k, v in start.items()}
+    key_b = next(k for k in bad if ".lora_B." in k)
+    bad[key_b][0, 0] = math.inf
+    out = bound_updates(rule, state, [bad, start], max_norm=1.0)
+    assert out.norms[0] == math.inf and out.scales[0] == 0.0
+    expected = torch.zeros_like(start[key_b]) if name == "flora" else state.lora[key_b]
+    assert torch.equal(out.updates[0][key_b], expected)

@@ -261,3 +261,20 @@ def test_triton_on_gpu_takes_device_weights_in_the_accumulation_dtype():
     wide = triton_wsum.prepare_weighted_sum_triton(on_device(make_updates(2, [(64,)], torch.float64, seed=1)))
     with pytest.raises(ValueError, match="device weights must be torch.float64 of shape"):
         wide.launch(torch.tensor([0.5, 0.5], dtype=torch.float32, device=DEVICE))  # would round fp64 sums' weights
+
+
+def test_a_prepared_sum_keeps_its_block_tables_past_the_cache(monkeypatch):
+    # a launch must not rebuild the tables (a host-to-device copy: no CUDA-graph capture, and a graph
+    # captured before would read freed memory) after other layouts pushed them out of the cache
+    updates = on_device(make_updates(2, [(300,), (7,)], torch.float32, seed=3))
+    prepared = triton_wsum.prepare_weighted_sum_triton(updates)
+    held = [ln.tables for ln in prepared.launches]
+    for n in range(1, triton_wsum._TABLE_CACHE_SIZE + 2):  # more layouts than the cache holds
+        triton_wsum.prepare_weighted_sum_triton(on_device(make_updates(2, [(n,)], torch.float32, seed=n)))
+    monkeypatch.setattr(triton_wsum, "block_tables", lambda *a, **k: pytest.fail("a launch rebuilt block tables"))
+    flats = prepared.launch([0.25, 0.75])
+    assert [ln.tables for ln in prepared.launches] == held
+    expected = independent(updates, [0.25, 0.75])
+    for group, flat in flats:
+        for key, n, off in zip(group.keys, group.numels, group.offsets):
+            torch.testing.assert_close(flat[off : off + n].double().cpu(), expected[key].reshape(-1), atol=1e-6, rtol=1e-6)
