@@ -8,13 +8,16 @@
 # - ``triton``: one kernel launch over a pointer table of every client's tensors (:mod:`.triton_wsum`); CUDA
 #   tensors, or CPU tensors under Triton's interpreter. Needs ``pip install devft[triton]``.
 #
-# ``auto`` picks ``triton`` for CUDA tensors when Triton is installed, else ``torch``; tensors that need
-# gradients always go to ``reference`` (the only differentiable one).
+# ``auto`` picks ``triton`` for CUDA tensors when Triton imports and the GPU is one it compiles for (compute
+# capability 7.0 or newer), else ``torch``; tensors that need gradients always go to ``reference`` (the only
+# differentiable one).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +26,8 @@ import torch
 from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weighted_sum_many_torch
 from devft.aggregation.reference import weighted_sum_many_reference, weighted_sum_reference
 from devft.aggregation.sources import as_source, as_sources
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -37,9 +42,34 @@ __all__ = [
 ]
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (it is imported only when the backend is used)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed and imports (a version that does not fit this torch fails here, once,
+    with a warning, rather than in the middle of an aggregation)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except Exception as err:  # noqa: BLE001 - any import failure means the backend cannot run
+        log.warning("Triton is installed but does not import (%s: %s); aggregating with the torch backend",
+                    type(err).__name__, err)
+        return False
+    return True
+
+
+MIN_TRITON_CAPABILITY = (7, 0)  # Volta: the oldest GPUs Triton compiles for
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether ``auto`` may send tensors on ``device`` to Triton: CUDA, Triton importable, a GPU it compiles for."""
+    if device.type != "cuda" or not triton_available():
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_TRITON_CAPABILITY:
+        log.warning("%s has compute capability %d.%d; Triton needs %d.%d: aggregating with the torch backend",
+                    torch.cuda.get_device_name(device), *capability, *MIN_TRITON_CAPABILITY)
+        return False
+    return True
 
 
 def available_backends() -> list[str]:
@@ -64,9 +94,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ImportError("backend='triton' needs Triton; install it with `pip install devft[triton]`")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and triton_available():
-        return "triton"
-    return "torch"
+    return "triton" if _triton_runs_on(device) else "torch"
 
 
 def _first_device(updates: Sequence[Any]) -> torch.device:

@@ -221,6 +221,42 @@ def test_dispatch_picks_torch_on_cpu_and_reports_missing_triton(monkeypatch):
     assert kernels.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+@pytest.fixture
+def fresh_triton_probe():
+    """``triton_available`` probes once per process; these tests probe again, and leave a fresh probe behind."""
+    import devft.aggregation.kernels as kernels
+
+    kernels.triton_available.cache_clear()
+    yield kernels
+    kernels.triton_available.cache_clear()
+
+
+def test_auto_takes_torch_when_triton_is_installed_but_does_not_import(fresh_triton_probe, monkeypatch, caplog):
+    kernels = fresh_triton_probe
+    real_import = kernels.importlib.import_module
+
+    def broken(name, *args):
+        if name == "triton":
+            raise RuntimeError("triton 3.6 needs torch 2.11")  # what a mismatched pair raises is not only ImportError
+        return real_import(name, *args)
+
+    monkeypatch.setattr(kernels.importlib, "import_module", broken)
+    with caplog.at_level("WARNING"):
+        assert kernels.resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert "does not import (RuntimeError: triton 3.6 needs torch 2.11)" in caplog.text
+    with pytest.raises(ImportError, match="needs Triton"):
+        kernels.resolve_backend("triton", torch.device("cuda"))
+
+
+@pytest.mark.parametrize(("capability", "chosen"), [((6, 1), "torch"), ((7, 0), "triton"), ((9, 0), "triton")])
+def test_auto_takes_triton_only_on_a_gpu_it_compiles_for(capability, chosen, fresh_triton_probe, monkeypatch):
+    pytest.importorskip("triton")
+    kernels = fresh_triton_probe
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    assert kernels.resolve_backend("auto", torch.device("cuda")) == chosen
+
+
 def test_reference_many_matches_torch_backend_on_mixed_dtype_keys():
     g = torch.Generator().manual_seed(2)
     updates = [{"a": torch.randn(9, generator=g), "h": torch.randn(9, generator=g).half()} for _ in range(3)]
