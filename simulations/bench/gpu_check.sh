@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton aggregation kernel, in one run, for a CUDA machine that has torch, Triton,
 # numpy and pytest but neither Flower nor the model:
-# 0. a preflight: CUDA usable by torch, and a tiny Triton kernel compiled and run (Triton builds its launcher
-#    with a C compiler and Python's headers on first use); stops at once, saying why, if either fails;
+# 0. a preflight (gpu_preflight.py): CUDA usable by torch, and a tiny Triton kernel compiled and run (Triton
+#    builds its launcher with a C compiler and Python's headers on first use); stops at once, saying why;
 # 1. the compiled-kernel tests: every test of test_triton.py on CUDA tensors, the gpu-marked ones included,
 #    the sm_90 code checks, and growth on a CUDA model (tests/devft/growth/test_on_gpu.py);
 # 2. the benchmark's device section with the launch-configuration sweep (docs/benchmarks.md, "Triton kernel
@@ -18,26 +18,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # compiled kernels only: never the CPU interpreter
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv
   echo "compilers: $(command -v gcc cc clang | tr '\n' ' ')"
-  timeout -k 10 120 python3 - <<'PY'
-import sysconfig, os, sys
-import numpy, torch, triton
-import triton.language as tl
-print("numpy", numpy.__version__, "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
-print("Python.h:", os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
-if not torch.cuda.is_available():
-    sys.exit("preflight: torch sees no CUDA device (driver or CUDA build mismatch?); nothing else would mean anything")
-
-@triton.jit
-def _add_one(x, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(x + i, tl.load(x + i, mask=i < n) + 1.0, mask=i < n)
-
-x = torch.zeros(1000, device="cuda")
-_add_one[(4,)](x, 1000, BLOCK=256)
-torch.cuda.synchronize()
-assert bool((x == 1).all()), "preflight: the tiny Triton kernel ran but computed the wrong result"
-print("preflight: CUDA and a compiled Triton kernel work on", torch.cuda.get_device_name())
-PY
+  timeout -k 10 90 python3 simulations/bench/gpu_preflight.py
 } 2>&1 | tee "$out/gpu.txt"
 preflight=${PIPESTATUS[0]}
 if [ "$preflight" -ne 0 ]; then
