@@ -17,8 +17,10 @@ clients send by default). In one run, per case, interleaved repeats time:
 - ``ours``: ``devft.aggregation.aggregate_arrayrecords`` on the packed payload (records in, record out;
   header checks, NaN/Inf check and output serialisation included): devft's server path;
 - ``ours_arrays``: the same function on the one-array-per-tensor payload;
-- ``copy``: a plain ``copy_`` of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
-  bandwidth does not depend on size past the caches) with the same number of threads;
+- ``copy``: a plain copy of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
+  bandwidth does not depend on size past the caches), the fastest of torch's ``copy_`` (same number of
+  threads), libc's ``memmove`` and numpy's ``copyto`` (``copy_method`` says which; torch's single-thread
+  ``copy_`` can be well below ``memmove``, whose non-temporal stores skip reading the destination);
 - ``gather``: for information, a copy of the received arrays' bytes themselves into one buffer, one
   memoryview assignment per array (the least any Python code touching every received array pays);
 - ``norms``: for information, what norm bounding (``federation.max_update_norm*``) adds before the sum:
@@ -48,6 +50,7 @@ GPU check on a bare CUDA machine with torch and Triton, from the repository root
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -58,6 +61,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -143,6 +147,10 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     src = torch.rand(copy_elems)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in before timing
+    src_np, dst_np = src.numpy(), dst.numpy()
+    copies = {"torch_copy": lambda: dst.copy_(src),
+              "memmove": lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), copy_elems * 4),
+              "numpy_copyto": lambda: np.copyto(dst_np, src_np)}
     # gather copy of the received arrays (first clients up to 1 GiB)
     arrays = [memoryview(a.data) for r in records for a in r.values()]
     gather_arrays = []
@@ -171,9 +179,9 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     norms()
     ours_out = record_tensors(aggregate_arrayrecords(packed, counts, threads=agg_threads))  # warm-up (and the result checked below)
     aggregate_arrayrecords(records, counts, threads=agg_threads)
-    times: dict[str, list[float]] = {"copy": [], "ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
-                                     "gather": [], "norms": []}
-    cpu: dict[str, list[float]] = {"copy": [], "ours": [], "flower": []}
+    times: dict[str, list[float]] = {"ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
+                                     "gather": [], "norms": [], **{name: [] for name in copies}}
+    cpu: dict[str, list[float]] = {"ours": [], "flower": [], **{name: [] for name in copies}}
     flower_out = None
 
     def run(name: str, fn: Callable[[], object]) -> object:
@@ -185,7 +193,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
         return result
 
     for rep in range(repeats):
-        run("copy", lambda: dst.copy_(src))
+        for name, copy in copies.items():
+            run(name, copy)
         run("ours", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads))
         run("ours_arrays", lambda: aggregate_arrayrecords(records, counts, threads=agg_threads))
         run("gather", gather)
@@ -200,13 +209,16 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
         scale = max(scale, float(b.abs().max()))
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    copy_method = min(copies, key=lambda name: med[name])  # the machine's copy bandwidth: its fastest copy
+    med["copy"], med_cpu["copy"], times["copy"] = med[copy_method], med_cpu[copy_method], times[copy_method]
     copy_bps = copy_elems * 4 / med["copy"]
     ours_bps = nbytes / med["ours"]
     return {
         "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
         "flower_s": med["flower"], "flower_packed_s": med["flower_packed"], "ours_arrays_s": med["ours_arrays"],
         "ours_s": med["ours"], "norms_s": med["norms"], "norms_vs_ours": med["norms"] / med["ours"],
-        "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9),
+        "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9), "copy_method": copy_method,
+        **{f"{name}_gbps": copy_elems * 4 / med[name] / 1e9 for name in copies},
         "ours_gbps": ours_bps / 1e9, "copy_gbps": copy_bps / 1e9, "gather_gbps": gather_bytes / med["gather"] / 1e9,
         "max_rel_diff_vs_flower": worst / scale if scale else worst,
         "speedup_same_payload": med["flower_packed"] / med["ours"],
@@ -272,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, fh, indent=1)
 
     keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
-            "ours_s", "norms_s", "norms_vs_ours", "ours_gbps", "copy_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
+            "ours_s", "norms_s", "norms_vs_ours", "ours_gbps", "copy_gbps", "copy_method", "torch_copy_gbps",
+            "memmove_gbps", "numpy_copyto_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
             "traffic_fraction", "speedup_vs_flower", "bandwidth_fraction"]
-    gpu_keys = ["clients", "rank", "total_gb", "dcopy_s", "kernel_s", "call_s", "checked_call_s", "torch_s",
+    gpu_keys = ["clients", "rank", "total_gb", "rotations", "dcopy_method", "dcopy_s", "kernel_s", "call_s", "checked_call_s", "torch_s",
                 "packed_kernel_s", "packed_call_s", "packed_torch_s", "kernel_gbps", "dcopy_gbps",
                 "kernel_traffic_gbps", "dcopy_traffic_gbps", "max_abs_diff_vs_reference", "call_bandwidth_fraction",
                 "packed_call_bandwidth_fraction", "packed_triton_vs_torch", "traffic_fraction",

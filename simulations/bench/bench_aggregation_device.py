@@ -11,7 +11,13 @@ the packed wire layout):
 - ``call_s``: the whole ``weighted_sum_many(..., backend="triton")`` call, host work included (per-tensor
   checks and addresses: with 420 tensors a client it is host-bound on a fast GPU), timed with a sync.
 - ``torch_s``: the same call with ``backend="torch"``.
-- ``dcopy_s``: ``copy_`` of a buffer as large as all clients' inputs, timed like ``kernel_s``.
+- ``dcopy_s``: a copy of a buffer as large as all clients' inputs, timed like ``kernel_s``: the faster of
+  ``copy_`` (a memcpy node in the graph, which the driver may hand to the copy engines) and an elementwise
+  kernel on the SMs (``torch.mul(src, 1, out=dst)``); ``dcopy_method`` says which.
+
+Where a case's buffers are small against the GPU's L2 cache, each timed burst cycles through
+``rotations`` copies of them (enough that one pass reads at least 4 × L2), for the kernel and the copy
+alike: no launch reads what the previous one left in L2.
 - ``checked_call_s``: ``call_s`` with the NaN/Inf check (per-client flags and one host sync).
 
 ``bandwidth_fraction = dcopy_s / kernel_s`` (per_key), ``packed_bandwidth_fraction`` the same for the packed
@@ -29,6 +35,7 @@ timings then mean nothing; the tests use it to check the code path).
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -96,6 +103,36 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]
     return cuda if device.type == "cuda" else wall
 
 
+def rotations(working_set_bytes: int, device: torch.device) -> int:
+    """How many copies of a case's buffers a burst cycles through: one pass over them reads at least
+    4 × the GPU's L2 cache (1 off a GPU, where the timings are not measurements)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20
+    return max(1, math.ceil(4 * l2 / max(1, working_set_bytes)))
+
+
+def cycling(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that calls ``fns`` in turn, one per call (a CUDA graph captures the sequence)."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
+
+
+def device_copy(inputs: list[dict[str, list[dict[str, torch.Tensor]]]],
+                timer: Callable[[Callable[[], object]], float]) -> tuple[float, str]:
+    """Seconds per copy of all clients' bytes, and which copy it was: the faster of ``copy_`` and an
+    elementwise kernel (see the module docstring), over the rotated buffer sets."""
+    pairs = []
+    for case in inputs:
+        src = torch.cat([x["payload"] for x in case["packed"]])
+        pairs.append((src, torch.empty_like(src)))
+    candidates = {"copy_": [lambda s=s, d=d: d.copy_(s) for s, d in pairs],
+                  "sm_kernel": [lambda s=s, d=d: torch.mul(s, 1, out=d) for s, d in pairs]}
+    timed = {name: timer(cycling(fns)) for name, fns in candidates.items()}
+    best = min(timed, key=timed.get)
+    return timed[best], best
+
+
 def _device_weights(weights: list[float], device: torch.device) -> torch.Tensor | list[float]:
     """The weights as a float32 device tensor on a GPU (the inputs' accumulation dtype: a launch then copies
     and converts nothing), as they are elsewhere."""
@@ -135,17 +172,16 @@ def device_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, rep
     weights = [1.0 / clients] * clients
     wdev = _device_weights(weights, device)
     nbytes = sum(x["payload"].numel() * 4 for x in inputs["packed"])
-    src = torch.cat([x["payload"] for x in inputs["packed"]])
-    dst = torch.empty_like(src)
+    sets = [inputs] + [make_inputs(shapes, clients, device, seed=i) for i in range(1, rotations(nbytes, device))]
     per_call = _timer(device, repeats)  # events around bursts on a GPU
     whole_call = _timer(torch.device("cpu"), repeats)  # wall time of synced calls
-    row: dict[str, float] = {"clients": clients, "rank": rank, "total_gb": nbytes / 1e9}
-    row["dcopy_s"] = per_call(lambda: dst.copy_(src))
+    row: dict[str, float] = {"clients": clients, "rank": rank, "total_gb": nbytes / 1e9, "rotations": len(sets)}
+    row["dcopy_s"], row["dcopy_method"] = device_copy(sets, per_call)
     for layout in LAYOUTS:
         updates = inputs[layout]
-        prepared = prepare_weighted_sum_triton(updates, check_finite=False)
+        prepared = [prepare_weighted_sum_triton(case[layout], check_finite=False) for case in sets]
         tag = "" if layout == "per_key" else "packed_"
-        row[f"{tag}kernel_s"] = per_call(lambda p=prepared: p.launch(wdev))
+        row[f"{tag}kernel_s"] = per_call(cycling([lambda p=p: p.launch(wdev) for p in prepared]))
         row[f"{tag}call_s"] = whole_call(_synced(
             lambda u=updates: weighted_sum_many(u, weights, backend="triton", check_finite=False), device))
         row[f"{tag}torch_s"] = whole_call(_synced(
@@ -199,10 +235,10 @@ def sweep_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repe
 
     inputs = make_inputs(shapes, clients, device)
     wdev = _device_weights([1.0 / clients] * clients, device)
-    src = torch.cat([x["payload"] for x in inputs["packed"]])
-    dst = torch.empty_like(src)
+    nbytes = sum(x["payload"].numel() * 4 for x in inputs["packed"])
+    sets = [inputs] + [make_inputs(shapes, clients, device, seed=i) for i in range(1, rotations(nbytes, device))]
     timer = _timer(device, repeats)
-    dcopy = timer(lambda: dst.copy_(src))
+    dcopy, method = device_copy(sets, timer)
     grid = grid or SWEEP
     rows = []
     for block, num_warps, unroll in itertools.product(grid["block"], grid["num_warps"], grid["unroll"]):
@@ -211,12 +247,14 @@ def sweep_case(shapes: dict[str, tuple[int, ...]], clients: int, rank: int, repe
                    "unroll": unroll}
             try:
                 config = KernelConfig(block=block, num_warps=num_warps, unroll=unroll)
-                prepared = prepare_weighted_sum_triton(inputs[layout], check_finite=False, config=config)
-                kernel = timer(lambda p=prepared: p.launch(wdev))
+                prepared = [prepare_weighted_sum_triton(case[layout], check_finite=False, config=config)
+                            for case in sets]
+                kernel = timer(cycling([lambda p=p: p.launch(wdev) for p in prepared]))
             except Exception as err:  # noqa: BLE001 - one configuration failing must not lose the others
                 print(f"# sweep {row}: {type(err).__name__}: {err}", flush=True)
                 rows.append({**row, "error": f"{type(err).__name__}: {err}"[:500]})
                 continue
-            rows.append({**row, "kernel_s": kernel, "dcopy_s": dcopy, "bandwidth_fraction": dcopy / kernel,
+            rows.append({**row, "kernel_s": kernel, "dcopy_s": dcopy, "dcopy_method": method, "rotations": len(sets),
+                         "bandwidth_fraction": dcopy / kernel,
                          "traffic_fraction": traffic_fraction(dcopy, kernel, clients)})
     return rows

@@ -98,3 +98,35 @@ def test_a_failing_sweep_configuration_is_recorded_and_the_sweep_goes_on(monkeyp
                                                          (100, "packed")]
     assert all("error" not in r and r["traffic_fraction"] > 0 for r in rows[:2])
     assert all("block" in r["error"] and "kernel_s" not in r for r in rows[2:])  # 100 is not a power of two
+
+
+def test_small_cases_cycle_through_enough_buffers_to_miss_the_l2_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    device_bench = _load(BENCH.with_name("bench_aggregation_device.py"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
+    cuda = torch.device("cuda")
+    assert device_bench.rotations(78_000_000, cuda) == 3  # 8 clients x r = 8: 3 x 78 MB >= 4 x 50 MiB
+    assert device_bench.rotations(313_000_000, cuda) == 1
+    assert device_bench.rotations(10, torch.device("cpu")) == 1
+    calls = []
+    turn = device_bench.cycling([lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")])
+    for _ in range(7):
+        turn()
+    assert calls == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_the_device_copy_is_the_faster_of_two_and_says_which():
+    import torch
+
+    device_bench = _load(BENCH.with_name("bench_aggregation_device.py"))
+    inputs = [device_bench.make_inputs({"w": (256, 64)}, 2, torch.device("cpu"), seed=s) for s in (0, 1)]
+    clock = iter([2.0, 1.0])  # a fake timer: copy_ is timed first and takes 2 s, the elementwise kernel 1 s
+
+    def timer(fn):
+        fn()  # each candidate runs
+        return next(clock)
+
+    assert device_bench.device_copy(inputs, timer) == (1.0, "sm_kernel")
