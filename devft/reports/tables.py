@@ -57,7 +57,9 @@ def eval_cell(run: RunRecords) -> str:
 
 
 BYTES_NOTE = ("MiB up+down counts the training messages; evaluation messages (clients evaluating their own "
-              "models, or `federation.client_eval`) are the eval MiB beside it, and no cost to the target counts them.")
+              "models, or `federation.client_eval`) are the eval MiB beside it, and no cost to the target counts them. "
+              "Wall seconds do include evaluation (each round's `eval_s`, on the server or the clients): runs that "
+              "evaluate more often, or generate answers, pay for it there; client seconds and FLOPs are training only.")
 
 
 def eval_kind_note(personalised: Mapping[str, bool]) -> list[str]:
