@@ -324,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "error": f"{type(err).__name__}: {err}"[:500]})
                 save(rows)
                 if args.sweep:
-                    swept = sweep_case(shapes, clients, rank, args.repeats, device)
+                    try:  # its own configurations fail one by one; this catches the set-up (memory, the copy)
+                        swept = sweep_case(shapes, clients, rank, args.repeats, device)
+                    except Exception as err:  # noqa: BLE001
+                        print(f"# sweep clients={clients} rank={rank}: {type(err).__name__}: {err}", flush=True)
+                        swept = [{"clients": clients, "rank": rank, "layout": "-",
+                                  "error": f"{type(err).__name__}: {err}"[:500]}]
                     rows.extend({"kind": "sweep", "device": str(device), **r} for r in swept)
                     for layout in LAYOUTS:
                         timed_ok = [r for r in swept if r["layout"] == layout and "error" not in r]

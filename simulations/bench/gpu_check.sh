@@ -3,7 +3,8 @@
 # numpy and pytest but neither Flower nor the model:
 # 0. a preflight (gpu_preflight.py): CUDA usable by torch, and a tiny Triton kernel compiled and run (Triton
 #    builds its launcher with a C compiler and Python's headers on first use); stops at once, saying why;
-# 1. the compiled-kernel tests: every test of test_triton.py on CUDA tensors, the gpu-marked ones included,
+# 1. the compiled-kernel tests: test_triton.py on CUDA tensors (the gpu-marked ones included; a few check
+#    CPU inputs or record payloads, as on any machine),
 #    the sm_90 code checks, and growth on a CUDA model (tests/devft/growth/test_on_gpu.py);
 # 2. the benchmark's device section with the launch-configuration sweep (docs/benchmarks.md, "Triton kernel
 #    on the GPU").

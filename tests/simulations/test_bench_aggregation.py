@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -130,3 +131,24 @@ def test_the_device_copy_is_the_faster_of_two_and_says_which():
         return next(clock)
 
     assert device_bench.device_copy(inputs, timer) == (1.0, "sm_kernel")
+
+
+def test_a_sweep_that_cannot_start_is_recorded_and_the_cases_go_on(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    bench = _bench()
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # main() imports its sweep from this module, as patched
+    device_bench = importlib.import_module("bench_aggregation_device")
+
+    def no_memory(shapes, clients, *args, **kwargs):
+        raise MemoryError(f"no room for {clients} clients")
+
+    monkeypatch.setattr(device_bench, "sweep_case", no_memory)
+    code = bench.main(["--gpu-only", "--shapes", "static", "--device", "cpu", "--layers", "1", "--clients", "2", "3",
+                       "--ranks", "2", "--repeats", "1", "--sweep", "--json", str(tmp_path / "gpu.json")])
+    assert code == 1  # a failed case fails the run, after the rest was measured
+    out = capsys.readouterr().out
+    assert "# sweep clients=2 rank=2: MemoryError: no room for 2 clients" in out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("gpu ")] == ["clients=2", "clients=3"]
+    rows = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["clients"] for r in rows if r["kind"] == "sweep"] == [2, 3]
