@@ -181,4 +181,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query_partition(msg: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds (reproducible sampling maps it to the node)."""
     reply = ConfigRecord({"partition-id": partition_id(context)})
+    if "num-partitions" in context.node_config:  # the server checks it against data.num_clients
+        reply["num-partitions"] = int(context.node_config["num-partitions"])
     return Message(content=RecordDict({"config": reply}), reply_to=msg)

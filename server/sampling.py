@@ -65,7 +65,15 @@ def discover_partitions(
             log.info("waiting for nodes: %d of %d connected", len(node_ids), num_partitions)
         last_count = len(node_ids)
         time.sleep(poll_s)
-    mapping = claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s))
+    mismatched: dict[int, int] = {}
+    mapping = claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s), mismatched=mismatched)
+    if mismatched:
+        node, told = next(iter(mismatched.items()))
+        raise ValueError(
+            f"node {node} was started with num-partitions={told} (of {len(mismatched)} nodes told another count), "
+            f"but data.num_clients={num_partitions}: in a simulation pass --federation-config "
+            f"'num-supernodes={num_partitions}' to flwr run (Flower's default local federation has 2 nodes); "
+            f"on SuperNodes, --node-config 'partition-id=K num-partitions={num_partitions}'")
     if asked is not None:
         asked.update(node_ids)
     if len(mapping) < min_required:
@@ -74,9 +82,12 @@ def discover_partitions(
     return dict(sorted(mapping.items()))
 
 
-def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int, timeout: float) -> dict[int, int]:
+def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int, timeout: float,
+                       mismatched: dict[int, int] | None = None) -> dict[int, int]:
     """Ask ``node_ids`` for their partition ids: ``{partition_id: node_id}`` of those that answered with one in
-    ``[0, num_partitions)``; where two claim one partition, the lower node id keeps it (the others are logged)."""
+    ``[0, num_partitions)``; where two claim one partition, the lower node id keeps it (the others are logged).
+    A node whose node config gives another ``num-partitions`` is left out (its split of the data is not this
+    run's), logged, and recorded in ``mismatched`` (``{node_id: its num-partitions}``) when given."""
     messages = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type=PARTITION_QUERY)
         for nid in sorted(node_ids)
@@ -89,7 +100,13 @@ def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int,
             log.warning("node %d did not report its partition: %s", node, reply.error.reason)
             continue
         pid = int(reply.content["config"]["partition-id"])
-        if not 0 <= pid < num_partitions:
+        told = reply.content["config"].get("num-partitions")
+        if told is not None and int(told) != num_partitions:
+            log.warning("node %d was started with num-partitions=%d, but data.num_clients=%d: not used", node,
+                        int(told), num_partitions)
+            if mismatched is not None:
+                mismatched[node] = int(told)
+        elif not 0 <= pid < num_partitions:
             log.warning("node %d reports partition %d, outside [0, %d): not used", node, pid, num_partitions)
         elif pid in mapping:
             log.warning("nodes %d and %d both claim partition %d; keeping %d", mapping[pid], node, pid, mapping[pid])

@@ -658,6 +658,18 @@ def test_query_round_needs_a_partition_id(private_env):
         discover_partitions(grid, 2, 1, wait_s=0)
 
 
+def test_nodes_told_another_partition_count_are_refused_by_name(private_env):
+    # flwr run's default local federation starts 2 simulated nodes, each told num-partitions=2: against
+    # data.num_clients=4 only partitions 0 and 1 would ever train, so the run refuses to start
+    from client.app import app as client_app
+
+    grid = InProcessGrid(client_app, 2)
+    with pytest.raises(ValueError, match=r"num-partitions=2 .* but data.num_clients=4: in a simulation pass "
+                                         r"--federation-config 'num-supernodes=4'"):
+        discover_partitions(grid, 4, 1, wait_s=0)
+    assert discover_partitions(InProcessGrid(client_app, 4), 4, 1, wait_s=0) == {0: 1000, 1: 1007, 2: 1014, 3: 1021}
+
+
 # ---------------------------------------------------------------- aggregation rules in the Flower app
 
 
