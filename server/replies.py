@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,29 @@ log = logging.getLogger(__name__)
 
 WIRE_DTYPES = (torch.float32, torch.float16)
 MAX_EXAMPLES = 2**53  # integers a float64 holds exactly; the example-weighted sums stay finite
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FLOWER_REASON = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.DOTALL)
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:Error|Exception|Fault|Exit|Interrupt)): (.*\S)\s*$")
+_WRAPPERS = ("ray.", "RayTaskError", "ClientAppException")  # what the simulation wraps a client's error in
+
+
+def client_error(reason: str) -> str:
+    """A client's error as ``ExceptionName: message``, read out of what Flower reports.
+
+    A SuperNode reports ``<class 'pkg.Error'>:<'message'>``; the simulation wraps that in Ray's task error,
+    whose text holds ANSI colours and whole tracebacks, the client's own exception line among them (the
+    first exception line not of Ray's or Flower's wrappers). Anything else is returned without colours."""
+    text = _ANSI.sub("", reason).strip()
+    for line in text.splitlines():
+        found = _EXCEPTION_LINE.match(line.strip())
+        if found and not any(w in found.group(1) for w in _WRAPPERS):
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)}"
+    flower = _FLOWER_REASON.fullmatch(text)
+    if flower and "\n" not in flower.group(2):
+        return f"{flower.group(1).rsplit('.', 1)[-1]}: {flower.group(2)}"
+    return text
 
 
 class InvalidReply(ValueError):
@@ -70,7 +94,7 @@ def parse_train_reply(
     if reply.has_error():
         if reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # the node is gone, or its reply expired
             raise InvalidReply(f"no reply; the SuperLink answered for the node: {reply.error.reason}")
-        raise InvalidReply(f"client raised: {reply.error.reason}")
+        raise InvalidReply(f"client raised: {client_error(reply.error.reason)}")
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise InvalidReply(

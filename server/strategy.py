@@ -58,7 +58,14 @@ from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from server.global_model import GlobalModel, StagePlan
 from server.metering import wire_bytes
-from server.replies import MAX_EXAMPLES, ClientFailure, ClientUpdate, InvalidReply, parse_train_reply
+from server.replies import (
+    MAX_EXAMPLES,
+    ClientFailure,
+    ClientUpdate,
+    InvalidReply,
+    client_error,
+    parse_train_reply,
+)
 from server.run_dir import RunDirectory, replace_directory
 from server.sampling import discover_partitions, refreshed_partitions, sample_partitions
 
@@ -485,7 +492,7 @@ class DevFTStrategy(Strategy):
             self._round.bytes_up += size
             self._round.eval_bytes_up += size
             if reply.has_error():
-                log.warning("round %d: client evaluation failed: %s", server_round, reply.error.reason)
+                log.warning("round %d: client evaluation failed: %s", server_round, client_error(reply.error.reason))
                 continue
             metrics = next(iter(reply.content.metric_records.values()), None) or {}
             loss, n, acc = metrics.get("eval-loss"), metrics.get("num-examples"), metrics.get("eval-accuracy")
