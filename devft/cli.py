@@ -16,8 +16,13 @@ QUICKSTART = REPO_ROOT / "simulations" / "configs" / "quickstart.toml"
 def _config(path: str | None, sets: list[str], default_quickstart: bool = True):
     from devft.config import load_config, parse_overrides
 
-    if path is None and default_quickstart and QUICKSTART.exists():
-        path = str(QUICKSTART)
+    if path is None and default_quickstart:
+        if QUICKSTART.exists():
+            path = str(QUICKSTART)
+        else:  # devft installed without its repository (not editable): the configs are not beside it
+            logging.getLogger("devft").warning(
+                "no CONFIG given and the quickstart config %s is not there (devft was installed without its "
+                "repository): starting from devft's own defaults, which are not the quickstart's", QUICKSTART)
     return load_config(path, parse_overrides(sets or []))
 
 

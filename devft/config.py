@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devft.aggregation import RULES
 from devft.aggregation.norm_bound import check_bound_settings
 from devft.aggregation.packed import WIRE_FORMATS
 from devft.data.settings import DataSettings
@@ -105,6 +106,9 @@ class FederationSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"federation.method must be one of {METHODS}, got method={self.method!r}")
+        if self.aggregation not in RULES:
+            raise ValueError(f"federation.aggregation must be one of {tuple(sorted(RULES))}, got "
+                             f"aggregation={self.aggregation!r}")
         for name in ("num_rounds", "clients_per_round", "min_replies", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"federation.{name} must be >= 1, got {name}={getattr(self, name)!r}")
@@ -268,7 +272,10 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ValueError(f"config file {str(path)!r} extends itself (cycle: {[str(p) for p in seen]})")
     with path.open("rb") as fh:
-        raw = tomllib.load(fh)
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from err
     parent = raw.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise ValueError(f"config file {str(path)!r}: extends must be a file name (a string), got {parent!r}")

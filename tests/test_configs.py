@@ -158,3 +158,14 @@ def test_an_unbounded_reply_timeout_travels_to_flwr_run():
     assert "federation.reply_timeout_s = inf\n" in text
     back = config_from_flat(flatten(tomllib.loads(text)))
     assert math.isinf(back.federation.reply_timeout_s) and back == config
+
+
+def test_without_the_quickstart_beside_it_devft_says_it_starts_from_defaults(monkeypatch, tmp_path, caplog):
+    from devft import cli
+    from devft.config import RunConfig
+
+    monkeypatch.setattr(cli, "QUICKSTART", tmp_path / "simulations" / "configs" / "quickstart.toml")
+    with caplog.at_level("WARNING"):
+        config = cli._config(None, [])
+    assert config == RunConfig()
+    assert "the quickstart config" in caplog.text and "starting from devft's own defaults" in caplog.text
