@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from devft.aggregation.errors import InvalidUpdateError, NonFiniteUpdateError, UnsupportedArrayError
@@ -69,14 +71,33 @@ def gc_paused() -> Iterator[None]:
 
 
 def check_weights(weights: Sequence[float] | torch.Tensor, count: int) -> list[float]:
-    """One finite real weight per update (any sign: DBLF fusion uses ``1 − β(|g|−1)``, which can be < 0)."""
-    values = torch.as_tensor(weights, dtype=torch.float64).flatten().tolist()
+    """One finite real weight per update (any sign: DBLF fusion uses ``1 − β(|g|−1)``, which can be < 0), as a
+    1-D sequence, tensor or array; a weight that is no real number (a string, a bool, a nested list) is refused
+    by its index."""
+    if isinstance(weights, torch.Tensor | np.ndarray):
+        if weights.ndim != 1 or not _real_dtype(weights.dtype):
+            raise ValueError(f"weighted sum weights must be a 1-D sequence of real numbers, got a {weights.ndim}-D "
+                             f"{type(weights).__name__} of {weights.dtype}")
+        values = torch.as_tensor(weights).double().tolist()
+    else:
+        values = []
+        for k, w in enumerate(weights):
+            scalar = isinstance(w, torch.Tensor | np.ndarray) and w.ndim == 0 and _real_dtype(w.dtype)
+            if not scalar and (isinstance(w, bool | np.bool_) or not isinstance(w, numbers.Real)):
+                raise ValueError(f"weighted sum weight {k} must be a real number, got {w!r}")
+            values.append(float(w))
     if len(values) != count:
         raise ValueError(f"weighted sum got {count} updates but {len(values)} weights")
     bad = [w for w in values if not math.isfinite(w)]
     if bad:
         raise ValueError(f"weighted sum weights must be finite, got {bad[0]!r}")
-    return [float(w) for w in values]
+    return values
+
+
+def _real_dtype(dtype: torch.dtype | np.dtype) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return dtype != torch.bool and not dtype.is_complex
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
 
 def plan_groups(

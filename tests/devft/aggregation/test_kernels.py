@@ -182,6 +182,29 @@ def test_inconsistent_updates_raise_named_errors(backend):
         weighted_sum_many(updates, [1.0, 2.0], backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize(("weights", "message"), [
+    ([[1.0], [2.0]], r"weight 0 must be a real number, got \[1.0\]"),  # summed as 7 before
+    ([1, "x"], r"weight 1 must be a real number, got 'x'"),
+    (["1", "2"], r"weight 0 must be a real number, got '1'"),
+    ([True, False], r"weight 0 must be a real number, got True"),
+    (torch.ones(2, 1), r"must be a 1-D sequence of real numbers, got a 2-D Tensor"),
+    (np.array([True, False]), r"must be a 1-D sequence of real numbers, got a 1-D ndarray of bool"),
+])
+def test_weights_that_are_not_one_real_number_per_client_are_refused(weights, message, backend):
+    updates = make_updates(2, [(3,)], torch.float32)
+    with pytest.raises(ValueError, match=message):
+        weighted_sum_many(updates, weights, backend=backend)
+
+
+def test_weights_of_numpy_and_tensor_scalars_are_taken():
+    updates = make_updates(2, [(3,)], torch.float32)
+    expected = weighted_sum_many(updates, [0.25, 0.75])["t0"]
+    for weights in ([np.float32(0.25), np.float64(0.75)], [torch.tensor(0.25), torch.tensor(0.75)],
+                    np.array([0.25, 0.75]), torch.tensor([0.25, 0.75])):
+        assert torch.equal(weighted_sum_many(updates, weights)["t0"], expected)
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 def test_weighted_sum_keeps_the_reference_contract(dtype, atol, rtol):
     g = torch.Generator().manual_seed(1)
