@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # the SuperLink's database set-up, seven lines a run
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError) as err:  # OSError: FileNotFoundError, IsADirectoryError, …
