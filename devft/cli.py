@@ -77,6 +77,8 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     names = [Path(p).stem for p in args.configs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare needs config files with distinct names, got {names}")
+    if getattr(args, "central", False) and "central" in names:
+        raise ValueError("--central trains into OUT/central, where the runs of central.toml would go; rename the config")
     if args.seeds is None:
         if args.seed_key:
             raise ValueError("--seed-key names what --seeds varies; give --seeds too")
@@ -101,6 +103,26 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
             raise ValueError(f"--seed-key {key!r} is not a seed (an integer key named *seed)")
     check_same_setting({name: config for name, seed, config in runs if seed == args.seeds[0]}, args.vary or ())
     return runs
+
+
+def _central_references(runs: list[tuple[str, int | None, object]], out: Path, reuse: bool) -> list[Path]:
+    """``devft train`` with the federated budget on the first config of the comparison, once per seed, into
+    ``out/central`` (``out/central/seed-S``); with ``reuse``, a finished one of the same config is kept."""
+    from devft.central import run_central
+
+    done = []
+    first = runs[0][0]
+    for name, seed, config in runs:
+        if name != first:
+            continue
+        central_dir = out / "central" if seed is None else out / "central" / f"seed-{seed}"
+        if reuse and (central_dir / "central.json").exists() and _ran_with(central_dir, config):
+            print(f"reusing {central_dir}")
+        else:
+            print(f"training the centralised reference in {central_dir}")
+            run_central(config, central_dir, progress=False, budget="federated")
+        done.append(central_dir)
+    return done
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -134,13 +156,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             if stop.is_set() and i + 1 < len(runs):  # the Ctrl-C came in a run's last round
                 raise RunStopped(f"stopped on request after {label} completed; the same command with --reuse "
                                  "continues with the other runs")
+    central = _central_references(runs, out, args.reuse) if args.central else []
     targets = {config.federation.target_eval_loss for _, _, config in runs}
     target = args.target_eval_loss or (targets.pop() if len(targets) == 1 else 0.0)
     if args.seeds is None:
         table = write_comparison([d for group in run_dirs.values() for d in group.values()], out,
-                                 target_eval_loss=target)
+                                 target_eval_loss=target, central=central)
     else:
-        table = write_seed_comparison(run_dirs, out, seed_keys=args.seed_key or SEED_KEYS, target_eval_loss=target)
+        table = write_seed_comparison(run_dirs, out, seed_keys=args.seed_key or SEED_KEYS, target_eval_loss=target,
+                                      central=central)
     print(table.read_text())
     print(f"comparison: {table}")
     return 0
@@ -273,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-key", action="append", metavar="KEY",
                    help=f"a seed key --seeds sets, repeatable (default: {' and '.join(SEED_KEYS)}: sampling, "
                         "LoRA initialisation, data order; the data and its partition stay the same)")
+    p.add_argument("--central", action="store_true",
+                   help="also train the centralised reference (devft train on the union of the clients' data, "
+                        "the federated runs' budget, the first config's setting; once per seed) into OUT/central "
+                        "and put it in comparison.md and the plots")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="centralised LoRA training on all clients' data (upper bound)")

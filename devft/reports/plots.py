@@ -72,12 +72,16 @@ def _legend(label: str, runs: list[RunRecords]) -> str:
     return f"{label}, clients' own models" if any(run.personalised_eval for run in runs) else label
 
 
-def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None) -> list[Path]:
-    """One figure per x axis of :data:`_COMPARISON_AXES`; ``draw(ax, xfun)`` plots the lines."""
+def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None,
+                        reference: float | None = None) -> list[Path]:
+    """One figure per x axis of :data:`_COMPARISON_AXES`; ``draw(ax, xfun)`` plots the lines; ``reference``,
+    the centralised run's eval loss, is a dashed horizontal line."""
     written = []
     for name, xlabel, xfun in _COMPARISON_AXES:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         draw(ax, xfun)
+        if reference is not None:
+            ax.axhline(reference, linestyle="--", color="gray", label="centralised reference")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full-model eval loss")
         if ax.get_legend_handles_labels()[0]:  # runs that never evaluated draw nothing
@@ -87,8 +91,9 @@ def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None) ->
     return written
 
 
-def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
-    """Eval loss against round, cumulative client compute and cumulative bytes, one line per run."""
+def plot_comparison(runs: list[RunRecords], out_dir: Path, reference: float | None = None) -> list[Path]:
+    """Eval loss against round, cumulative client compute and cumulative bytes, one line per run (and the
+    centralised ``reference`` loss, dashed, when given)."""
 
     def draw(ax, xfun):
         for run in runs:
@@ -97,10 +102,11 @@ def plot_comparison(runs: list[RunRecords], out_dir: Path) -> list[Path]:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=_legend(run.label, [run]), markersize=3)
 
-    return _comparison_figures(draw, out_dir)
+    return _comparison_figures(draw, out_dir, reference=reference)
 
 
-def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path) -> list[Path]:
+def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path,
+                         reference: float | None = None) -> list[Path]:
     """The same figures over several seeds of each config: per config, the mean eval loss over its seeds at
     each evaluated round (x: the mean over seeds too) and a band from the lowest to the highest seed. Only
     rounds that every seed evaluated are drawn."""
@@ -117,4 +123,4 @@ def plot_seed_comparison(groups: dict[str, list[RunRecords]], out_dir: Path) -> 
                             label=_legend(f"{name} (mean of {len(runs)})", runs))
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
 
-    return _comparison_figures(draw, out_dir, legend_title="band: lowest to highest seed")
+    return _comparison_figures(draw, out_dir, legend_title="band: lowest to highest seed", reference=reference)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from devft.reports.central import central_reference
 from devft.reports.plots import plot_comparison, plot_run
 from devft.reports.runs import read_run
 from devft.reports.setting import differences_section
@@ -111,10 +113,12 @@ def _incidents(rounds: list[dict]) -> list[str]:
     return ["", "## Failures, skipped updates and bounded updates", ""] + lines if lines else []
 
 
-def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eval_loss: float = 0.0) -> Path:
+def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eval_loss: float = 0.0,
+                     central: Sequence[str | Path] = ()) -> Path:
     """Write ``comparison.md`` and ``plots/eval_loss_vs_*.png`` over several run directories.
 
     Each run is labelled by its directory name (``devft compare`` names them after the config files).
+    ``central``: ``devft train`` output directories, the centralised reference (:mod:`devft.reports.central`).
     """
     out_dir = Path(out_dir)
     runs = [read_run(d) for d in run_dirs]
@@ -125,4 +129,6 @@ def write_comparison(run_dirs: list[str | Path], out_dir: str | Path, target_eva
              f"Target eval loss: {target_eval_loss:.4g} (the cost columns are to first reach it; — = never reached). "
              f"{BYTES_NOTE}", ""] + run_table(runs, target_eval_loss)
     lines += eval_kind_note({run.label: run.personalised_eval for run in runs})
-    return write_comparison_file(out_dir, lines, plot_comparison(runs, out_dir / "plots"))
+    reference_lines, reference = central_reference(central)
+    lines += reference_lines
+    return write_comparison_file(out_dir, lines, plot_comparison(runs, out_dir / "plots", reference))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from devft.reports.central import central_reference
 from devft.reports.plots import plot_seed_comparison
 from devft.reports.runs import RunRecords, cost_to_target, read_run
 from devft.reports.seeds import Paired, Spread, paired, spread
@@ -96,14 +97,16 @@ def _paired_rows(runs: Mapping[str, Mapping[int, RunRecords]]) -> list[str]:
 
 
 def write_seed_comparison(groups: Mapping[str, Mapping[int, str | Path]], out_dir: str | Path, *,
-                          seed_keys: Sequence[str], target_eval_loss: float = 0.0) -> Path:
+                          seed_keys: Sequence[str], target_eval_loss: float = 0.0,
+                          central: Sequence[str | Path] = ()) -> Path:
     """``comparison.md`` and plots over configs run with several seeds.
 
     ``groups[config][seed]`` is a run directory, run with every key of ``seed_keys`` set to ``seed``. Per
     config: the spread of its final figures over seeds and its mean costs; per config after the first (the
     baseline): the differences from the baseline seed by seed (:mod:`devft.reports.seeds`); then every
     run's own row, labelled ``config/seed-S``. The plots draw each config's mean over seeds with a band from
-    the lowest to the highest seed.
+    the lowest to the highest seed. ``central``: the centralised reference's ``devft train`` directories, one
+    per seed (:mod:`devft.reports.central`).
     """
     out_dir = Path(out_dir)
     names = list(groups)
@@ -138,6 +141,8 @@ def write_seed_comparison(groups: Mapping[str, Mapping[int, str | Path]], out_di
     lines += eval_kind_note({name: any(r.personalised_eval for r in runs[name].values()) for name in names})
     if len(names) > 1:
         lines += _paired_rows(runs)
+    reference_lines, reference = central_reference(central)
+    lines += reference_lines
     lines += ["", "## Every run", ""] + run_table(every, target)
-    plots = plot_seed_comparison({n: list(runs[n].values()) for n in names}, out_dir / "plots")
+    plots = plot_seed_comparison({n: list(runs[n].values()) for n in names}, out_dir / "plots", reference)
     return write_comparison_file(out_dir, lines, plots)

@@ -465,3 +465,68 @@ def test_a_comparison_with_and_one_without_seeds_never_share_a_config_directory(
     fake_run(tmp_path / "seeded" / SMOKE.stem / "seed-0")
     assert main(["compare", str(SMOKE), "--out", str(tmp_path / "seeded")]) == 2
     assert "holds the runs of a comparison with --seeds; give --seeds again" in capsys.readouterr().err
+
+
+def fake_central(path, loss: float) -> None:
+    """The files `devft train` writes (central.json with its evaluations and budget, config.json)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "central.json").write_text(json.dumps({
+        "before": {"loss": 3.0, "accuracy": 0.0}, "after": {"loss": loss, "accuracy": 0.5}, "train_examples": 96,
+        "train": {"steps": 32}, "wall_s": 5.0,
+        "budget": {"budget": "federated", "steps": 32, "num_rounds": 4, "clients_per_round": 2,
+                   "steps_per_client_call": 4}}))
+
+
+def test_compare_with_central_trains_the_reference_per_seed_and_reports_it(smoke_config, private_env, tmp_path,
+                                                                          monkeypatch, capsys):
+    import devft.central
+    import server.launch
+    from devft.cli import main
+
+    trained = []
+
+    def run_central(config, out_dir, progress=True, budget="federated"):
+        trained.append((out_dir.relative_to(tmp_path).as_posix(), config.federation.seed, config.lora.r, budget))
+        fake_central(out_dir, loss=1.0 + config.federation.seed / 10)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(config)))
+
+    def simulate(config, run_dir, resume, stop):
+        _write_run(run_dir, config)
+
+    monkeypatch.setattr(server.launch, "simulate", simulate)
+    monkeypatch.setattr(devft.central, "run_central", run_central)
+    other = tmp_path / "other.toml"
+    other.write_text(f'extends = "{SMOKE}"\n[lora]\nr = 2\n')
+    argv = ["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp"), "--central"]
+    assert main(argv) == 0
+    assert trained == [("cmp/central", 0, 4, "federated")]  # the first config's setting, the federated budget
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Centralised reference" in table and "the federated runs' budget: 32 optimiser steps" in table
+    assert "| central | 3 | 1 | 0.5 | 32 | 96 | 5.0 |" in table
+    assert main([*argv, "--reuse"]) == 0 and len(trained) == 1  # a finished reference of this config is kept
+
+    trained.clear()
+    assert main(["compare", str(SMOKE), str(other), "--out", str(tmp_path / "cmp-seeds"), "--central",
+                 "--seeds", "1", "2"]) == 0
+    assert [t[:2] for t in trained] == [("cmp-seeds/central/seed-1", 1), ("cmp-seeds/central/seed-2", 2)]
+    seeded = (tmp_path / "cmp-seeds" / "comparison.md").read_text()
+    assert "| seed-1 | 3 | 1.1 |" in seeded and "| seed-2 | 3 | 1.2 |" in seeded and "at the mean of 2" in seeded
+
+
+def _write_run(run_dir, config) -> None:
+    """A finished run's files as the reports read them: two rounds and a summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"round": r, "eval_loss": 2.0 / r, "bytes_up": 10, "bytes_down": 10, "train_flops": 1e9,
+             "round_wall_s": 1.0} for r in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({"final": {"eval_loss": 1.0}, "totals": {}}))
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config)))
+
+
+def test_central_is_refused_beside_a_config_named_central(smoke_config, private_env, tmp_path, capsys):
+    from devft.cli import main
+
+    central = tmp_path / "central.toml"
+    central.write_text(f'extends = "{SMOKE}"\n')
+    assert main(["compare", str(central), "--out", str(tmp_path / "cmp"), "--central"]) == 2
+    assert "--central trains into OUT/central" in capsys.readouterr().err

@@ -161,3 +161,25 @@ def test_the_report_of_an_unfinished_run_says_so(tmp_path):
     (tmp_path / "cut" / "summary.json").unlink()
     report = write_report(tmp_path / "cut").read_text()
     assert f"has not finished (no summary.json): 2 of {RunConfig().federation.num_rounds} rounds recorded" in report
+
+
+def test_the_central_reference_section_says_which_budget_it_had(tmp_path):
+    from devft.reports.central import central_reference
+
+    for name, budget, loss in (("fed", {"budget": "federated", "steps": 64, "num_rounds": 16, "clients_per_round": 2,
+                                        "steps_per_client_call": 2}, 0.5), ("own", {"budget": "train"}, 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "central.json").write_text(json.dumps({
+            "before": {"loss": 2.0, "accuracy": 0.0}, "after": {"loss": loss, "accuracy": 0.25},
+            "train_examples": 40, "train": {"steps": 64}, "wall_s": 3.0, "budget": budget}))
+    lines, reference = central_reference([tmp_path / "fed"])
+    assert reference == 0.5
+    assert "the federated runs' budget: 64 optimiser steps (16 rounds × 2 clients × 2 steps)" in "\n".join(lines)
+    lines, reference = central_reference([tmp_path / "fed", tmp_path / "own"])  # budgets differ: said so
+    assert reference == pytest.approx(0.6) and "not the federated runs' budget" in "\n".join(lines)
+    assert central_reference([]) == ([], None)
+    with pytest.raises(FileNotFoundError, match="is 'nowhere' a devft train output"):
+        central_reference(["nowhere"])
+    _write_run(tmp_path / "run", "devft", [3.0, 2.0], [10, 10])
+    table = write_comparison([tmp_path / "run"], tmp_path / "cmp", central=[tmp_path / "fed"]).read_text()
+    assert "## Centralised reference" in table and "| fed | 2 | 0.5 | 0.25 | 64 | 40 | 3.0 |" in table
