@@ -175,14 +175,13 @@ def simulate(
     config: RunConfig,
     out_dir: Path,
     resume: bool = False,
-    num_supernodes: int | None = None,
     progress: bool = True,
     stop: threading.Event | None = None,
 ) -> Path:
     """Run ``config`` on the simulation engine with one virtual SuperNode per data partition.
 
     Writes the run directory of docs/design.md §4 to ``out_dir`` and returns its path. Unless ``resume``, an
-    earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when a run there completes. ``num_supernodes`` defaults to ``data.num_clients``.
+    earlier run there is set aside (:func:`set_aside_previous_run`) and deleted only when a run there completes.
     ``stop``: an event that ends the run after the round in progress (:class:`~server.strategy.RunStopped`); by
     default Ctrl-C sets one (:func:`stop_on_interrupt`); a caller that passes its own handles the signal.
     """
@@ -202,7 +201,7 @@ def simulate(
         if resume and not directory.has_checkpoint():  # checked again, now that no other run can move it
             raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
         asides = [] if resume else set_aside_previous_run(directory)
-        supernodes = num_supernodes or config.data.num_clients
+        supernodes = config.data.num_clients  # one node per partition: each is told num-partitions, checked
         done = len(directory.read_metrics()) if resume else 0
         bar = _RoundBar(global_model.schedule.total_rounds, done) if progress else None
         own_stop = stop is None

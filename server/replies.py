@@ -39,13 +39,19 @@ def client_error(reason: str) -> str:
     """A client's error as ``ExceptionName: message``, read out of what Flower reports.
 
     A SuperNode reports ``<class 'pkg.Error'>:<'message'>``; the simulation wraps that in Ray's task error,
-    whose text holds ANSI colours and whole tracebacks, the client's own exception line among them (the
-    first exception line not of Ray's or Flower's wrappers). Anything else is returned without colours."""
+    whose text holds ANSI colours and whole tracebacks, the client's own exception line among them (the last
+    one before Flower's wrapper: a chained error's cause is printed first). Anything else is returned
+    without colours."""
     text = _ANSI.sub("", reason).strip()
+    raised = None  # the last exception line before the wrapper's: with chained errors the cause comes first
     for line in text.splitlines():
+        if raised is not None and "ClientAppException" in line:
+            break
         found = _EXCEPTION_LINE.match(line.strip())
         if found and not any(w in found.group(1) for w in _WRAPPERS):
-            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)}"
+            raised = found
+    if raised is not None:
+        return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"
     flower = _FLOWER_REASON.fullmatch(text)
     if flower and "\n" not in flower.group(2):
         return f"{flower.group(1).rsplit('.', 1)[-1]}: {flower.group(2)}"

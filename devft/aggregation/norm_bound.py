@@ -63,12 +63,12 @@ def moved_towards(source: Any, origins: Mapping[str, torch.Tensor], factor: floa
 
 def round_bound(norms: Sequence[float], max_norm: float = 0.0, ratio: float = 0.0) -> float | None:
     """The bound of a round from its update norms: ``max_norm``, ``ratio ×`` the lower median of the
-    non-zero norms, or the smaller; ``None`` when neither is set (0) or applies (no client moved)."""
+    non-zero finite norms, or the smaller; ``None`` when neither is set (0) or applies (no client moved)."""
     check_bound_settings(max_norm, ratio)
     bounds = []
     if max_norm > 0:
         bounds.append(float(max_norm))
-    moved = [n for n in norms if n > 0]  # clients that did not move say nothing about the scale
+    moved = [n for n in norms if 0 < n < math.inf]  # who did not move, or sent Inf/NaN, says nothing of the scale
     if ratio > 0 and moved:
         bounds.append(float(ratio) * statistics.median_low(moved))
     return min(bounds) if bounds else None
@@ -106,7 +106,8 @@ def bound_updates(rule: AggregationRule, state: ServerState, updates: Sequence[A
     """Measure every reply's update against ``state`` (what the clients started from) and scale back those
     longer than the round's bound (:func:`round_bound`). An update of infinite length is scaled to 0:
     the client then contributes exactly what it received. A NaN norm (of an update holding NaN or Inf;
-    the server refuses those before it bounds) counts as infinite, never as within the bound."""
+    the server refuses those before it bounds) counts as infinite, and infinite norms never set a ratio
+    bound, so whenever a bound is set such an update is scaled to 0."""
     sources = as_sources(updates)
     norms = [math.inf if math.isnan(n) else n for n in rule.update_norms(state, sources)]
     bound = round_bound(norms, max_norm, ratio)

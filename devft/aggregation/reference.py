@@ -26,15 +26,13 @@ def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[fl
     """
     if len(tensors) == 0:
         raise ValueError("weighted_sum needs at least one tensor, got 0")
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if w.numel() != len(tensors):
-        raise ValueError(f"weighted_sum got {len(tensors)} tensors but {w.numel()} weights")
+    w = check_weights(weights, len(tensors))  # one finite real number per tensor, as every backend asks
     shape = tensors[0].shape
     acc = torch.zeros(shape, dtype=compute_dtype(tensors[0].dtype), device=tensors[0].device)
     for k, t in enumerate(tensors):
         if t.shape != shape:
             raise ValueError(f"weighted_sum tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        acc += float(w[k]) * t.to(acc.dtype)
+        acc += w[k] * t.to(acc.dtype)
     return acc.to(tensors[0].dtype)
 
 

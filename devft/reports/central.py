@@ -35,13 +35,15 @@ def central_reference(paths: Sequence[str | Path]) -> tuple[list[str], float | N
         return [], None
     summaries = [read_central(p) for p in paths]
     losses = [s["after"]["loss"] for s in summaries if isinstance(s["after"].get("loss"), int | float)]
-    budgets = {json.dumps(s.get("budget"), sort_keys=True) for s in summaries}
-    budget = summaries[0].get("budget") or {}
-    if len(budgets) == 1 and budget.get("budget") == "federated":
+    budgets = [s.get("budget") or {} for s in summaries]
+    budget = budgets[0]
+    if any(b.get("budget") != "federated" for b in budgets):
+        spent = "the steps below (not all with the federated runs' budget)"
+    elif all(b == budget for b in budgets):
         spent = (f"the federated runs' budget: {budget['steps']} optimiser steps ({budget['num_rounds']} rounds × "
                  f"{budget['clients_per_round']} clients × {budget['steps_per_client_call']} steps)")
-    else:
-        spent = "the steps below (not the federated runs' budget)"
+    else:  # e.g. seeds of data.seed under train.epochs: each seed's partitions give its own budget
+        spent = "each seed's federated budget (the steps below: rounds × clients × one client call's steps)"
     lines = ["", "## Centralised reference", "",
              "One LoRA trained on the union of all clients' training data (`devft train`, the first config's "
              f"setting) for {spent}, evaluated on the same held-out set: the dashed line in the plots"

@@ -14,11 +14,11 @@ the packed wire layout):
 - ``dcopy_s``: a copy of a buffer as large as all clients' inputs, timed like ``kernel_s``: the faster of
   ``copy_`` (a memcpy node in the graph, which the driver may hand to the copy engines) and an elementwise
   kernel on the SMs (``torch.mul(src, 1, out=dst)``); ``dcopy_method`` says which.
+- ``checked_call_s``: ``call_s`` with the NaN/Inf check (per-client flags and one host sync).
 
 Where a case's buffers are small against the GPU's L2 cache, each timed burst cycles through
 ``rotations`` copies of them (enough that one pass reads at least 4 × L2), for the kernel and the copy
 alike: no launch reads what the previous one left in L2.
-- ``checked_call_s``: ``call_s`` with the NaN/Inf check (per-client flags and one host sync).
 
 ``bandwidth_fraction = dcopy_s / kernel_s`` (per_key), ``packed_bandwidth_fraction`` the same for the packed
 layout, ``call_bandwidth_fraction`` and ``packed_call_bandwidth_fraction`` with ``call_s``: input bytes per
@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import torch
 
-BURST = 10  # back-to-back launches per timed sample on a GPU
+BURST = 12  # back-to-back launches per timed sample on a GPU (divisible by 1, 2, 3, 4 and 6 buffer sets)
 WARMUP = 3  # untimed replays before the timed ones (clocks up, caches and TLBs warm)
 SWEEP = {"block": (1024, 2048, 4096, 8192), "num_warps": (4, 8), "unroll": (1, 2, 4)}
 LAYOUTS = ("per_key", "packed")
@@ -105,11 +105,13 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]
 
 def rotations(working_set_bytes: int, device: torch.device) -> int:
     """How many copies of a case's buffers a burst cycles through: one pass over them reads at least
-    4 × the GPU's L2 cache (1 off a GPU, where the timings are not measurements)."""
+    4 × the GPU's L2 cache (1 off a GPU, where the timings are not measurements). A divisor of ``BURST``,
+    so that each replay of a captured burst goes on with the set after the one the last replay ended with."""
     if device.type != "cuda":
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20
-    return max(1, math.ceil(4 * l2 / max(1, working_set_bytes)))
+    needed = max(1, math.ceil(4 * l2 / max(1, working_set_bytes)))
+    return min(d for d in range(needed, BURST + 1) if BURST % d == 0) if needed <= BURST else needed
 
 
 def cycling(fns: list[Callable[[], object]]) -> Callable[[], object]:

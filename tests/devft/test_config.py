@@ -64,8 +64,7 @@ def test_toml_and_overrides_with_kebab_keys_and_strings(tmp_path):
     ],
 )
 def test_bad_values_name_the_field_and_the_value(key, value, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".*", "X").replace(
-            "X", ".*")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_flat({key: value})
 
 

@@ -21,8 +21,25 @@ RAY_REASON = (
 )
 
 
+# A chained error (``raise ValueError(...) from err``) in the same wrapper: Python prints the cause first
+CHAINED_RAY_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=7)\n"
+    "  File \"/work/main/devft/models/loading.py\", line 75, in _from_pretrained\n"
+    "OSError: foo is not a local folder and is not a valid model identifier\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "  File \"/work/main/devft/models/loading.py\", line 79, in _from_pretrained\n"
+    "ValueError: could not load model name='foo'\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "ray::ClientAppActor.run() (pid=7)\n"
+    "flwr.simulation.ray_transport.ray_actor.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: could not load model name='foo'\n"
+    "KeyError: 'a later line of the wrapper'>"
+)
+
+
 @pytest.mark.parametrize(("reason", "expected"), [
     (RAY_REASON, "InjectedFault: fault injection: partition 1 was told to raise"),
+    (CHAINED_RAY_REASON, "ValueError: could not load model name='foo'"),  # what the client raised, not its cause
     ("<class 'FloatingPointError'>:<'training loss became nan at step 3'>",
      "FloatingPointError: training loss became nan at step 3"),  # what a SuperNode reports
     ("<class 'client.faults.InjectedFault'>:<'fault injection: partition 0 was told to raise'>",

@@ -111,6 +111,8 @@ def test_small_cases_cycle_through_enough_buffers_to_miss_the_l2_cache(monkeypat
     cuda = torch.device("cuda")
     assert device_bench.rotations(78_000_000, cuda) == 3  # 8 clients x r = 8: 3 x 78 MB >= 4 x 50 MiB
     assert device_bench.rotations(313_000_000, cuda) == 1
+    assert device_bench.rotations(45_000_000, cuda) == 6  # 5 needed; 6 divides a burst, so replays go on in turn
+    assert device_bench.BURST % device_bench.rotations(78_000_000, cuda) == 0
     assert device_bench.rotations(10, torch.device("cpu")) == 1
     calls = []
     turn = device_bench.cycling([lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")])

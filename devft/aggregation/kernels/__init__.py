@@ -64,6 +64,14 @@ def _triton_runs_on(device: torch.device) -> bool:
     """Whether ``auto`` may send tensors on ``device`` to Triton: CUDA, Triton importable, a GPU it compiles for."""
     if device.type != "cuda" or not triton_available():
         return False
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return _compiles_for(index)
+
+
+@functools.cache
+def _compiles_for(index: int) -> bool:
+    """Whether Triton compiles for CUDA device ``index`` (asked, and a refusal logged, once per device)."""
+    device = torch.device("cuda", index)
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_TRITON_CAPABILITY:
         log.warning("%s has compute capability %d.%d; Triton needs %d.%d: aggregating with the torch backend",

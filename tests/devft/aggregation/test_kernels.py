@@ -197,6 +197,13 @@ def test_weights_that_are_not_one_real_number_per_client_are_refused(weights, me
         weighted_sum_many(updates, weights, backend=backend)
 
 
+@pytest.mark.parametrize("weights", [[[1.0], [2.0]], [True, True]])
+def test_weighted_sum_checks_weights_on_its_reference_path_too(weights):
+    mixed = [torch.ones(3), torch.ones(3, dtype=torch.float16)]  # mixed dtypes take the reference path
+    with pytest.raises(ValueError, match="weight 0 must be a real number"):
+        weighted_sum(mixed, weights)
+
+
 def test_weights_of_numpy_and_tensor_scalars_are_taken():
     updates = make_updates(2, [(3,)], torch.float32)
     expected = weighted_sum_many(updates, [0.25, 0.75])["t0"]
@@ -250,8 +257,10 @@ def fresh_triton_probe():
     import devft.aggregation.kernels as kernels
 
     kernels.triton_available.cache_clear()
+    kernels._compiles_for.cache_clear()
     yield kernels
     kernels.triton_available.cache_clear()
+    kernels._compiles_for.cache_clear()
 
 
 def test_auto_takes_torch_when_triton_is_installed_but_does_not_import(fresh_triton_probe, monkeypatch, caplog):
@@ -278,6 +287,17 @@ def test_auto_takes_triton_only_on_a_gpu_it_compiles_for(capability, chosen, fre
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     assert kernels.resolve_backend("auto", torch.device("cuda")) == chosen
+
+
+def test_a_gpu_triton_cannot_compile_for_is_reported_once(fresh_triton_probe, monkeypatch, caplog):
+    pytest.importorskip("triton")
+    kernels = fresh_triton_probe
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100")
+    with caplog.at_level("WARNING"):
+        for _ in range(5):  # growth fusion asks once per tensor
+            assert kernels.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert caplog.text.count("compute capability 6.1") == 1
 
 
 def test_reference_many_matches_torch_backend_on_mixed_dtype_keys():

@@ -211,3 +211,17 @@ def test_an_update_holding_inf_is_scaled_to_its_origin_not_to_nan(name, start):
     assert out.norms[0] == math.inf and out.scales[0] == 0.0
     expected = torch.zeros_like(start[key_b]) if name == "flora" else state.lora[key_b]
     assert torch.equal(out.updates[0][key_b], expected)
+
+
+def test_infinite_norms_do_not_set_a_ratio_bound(start):
+    # two of three updates hold Inf: their norms must not lift the median (and so the bound) to infinity
+    rule = get_rule("fedit", alpha=ALPHA)
+    state = rule.init_state(start)
+    bad = {k: v.clone() for k, v in start.items()}
+    key_b = next(k for k in bad if ".lora_B." in k)
+    bad[key_b][0, 0] = math.inf
+    ok, _ = moved(start, seed=3, size=0.5)
+    out = bound_updates(rule, state, [bad, bad, ok], ratio=3.0)
+    assert out.bound == pytest.approx(1.5, rel=1e-5)  # 3 x the one finite norm
+    assert out.scales[:2] == [0.0, 0.0] and out.scales[2] == 1.0
+    assert torch.equal(out.updates[0][key_b], state.lora[key_b])

@@ -175,8 +175,14 @@ def test_the_central_reference_section_says_which_budget_it_had(tmp_path):
     lines, reference = central_reference([tmp_path / "fed"])
     assert reference == 0.5
     assert "the federated runs' budget: 64 optimiser steps (16 rounds × 2 clients × 2 steps)" in "\n".join(lines)
-    lines, reference = central_reference([tmp_path / "fed", tmp_path / "own"])  # budgets differ: said so
-    assert reference == pytest.approx(0.6) and "not the federated runs' budget" in "\n".join(lines)
+    lines, reference = central_reference([tmp_path / "fed", tmp_path / "own"])  # one without the budget: said so
+    assert reference == pytest.approx(0.6) and "not all with the federated runs' budget" in "\n".join(lines)
+    other = json.loads((tmp_path / "fed" / "central.json").read_text())
+    other["budget"] = {**other["budget"], "steps": 80, "steps_per_client_call": 5}  # another seed's partitions
+    (tmp_path / "seed2").mkdir()
+    (tmp_path / "seed2" / "central.json").write_text(json.dumps(other))
+    lines, _ = central_reference([tmp_path / "fed", tmp_path / "seed2"])
+    assert "each seed's federated budget" in "\n".join(lines)
     assert central_reference([]) == ([], None)
     with pytest.raises(FileNotFoundError, match="is 'nowhere' a devft train output"):
         central_reference(["nowhere"])
