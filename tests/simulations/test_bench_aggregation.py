@@ -26,7 +26,9 @@ def test_bench_prints_the_fields_docs_quote(tmp_path, capsys):
     (row,) = [r for r in json.loads(out.read_text()) if r["kind"] == "cpu"]
     assert row["rank"] == 4 and row["mb_per_client"] > 0
     assert row["max_rel_diff_vs_flower"] < 1e-6  # the same weighted mean as Flower's
-    for key in ("speedup_vs_flower", "bandwidth_fraction", "speedup_same_payload", "arrays_speedup_vs_flower"):
+    assert row["ours_backend"] == "native"  # auto, on a machine with a C compiler (CI's too)
+    for key in ("speedup_vs_flower", "bandwidth_fraction", "speedup_same_payload", "arrays_speedup_vs_flower",
+                "native_vs_torch", "torch_bandwidth_fraction"):
         assert math.isfinite(row[key]) and row[key] > 0, key
 
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from devft.aggregation._plan import (
@@ -42,6 +43,7 @@ from devft.aggregation._plan import (
     raise_nonfinite,
     split_output,
 )
+from devft.aggregation.kernels.native import NativeKernels, run_table
 from devft.aggregation.sources import as_source, as_sources
 
 log = logging.getLogger(__name__)
@@ -208,15 +210,17 @@ def _accumulate(group: Group, weights: list[float], flat: torch.Tensor, block_by
 
 def client_sq_norms_torch(updates: Sequence[Any], keys: Sequence[str] | None = None,
                           block_bytes: int = DEFAULT_BLOCK_BYTES, threads: int | None = None,
-                          origin: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                          origin: Mapping[str, torch.Tensor] | None = None,
+                          native: NativeKernels | None = None) -> torch.Tensor:
     """``‖x_k‖²`` over all ``keys`` of each client, fp64, one pass over memory (clipping needs them first);
-    ``‖x_k − o‖²`` with ``origin`` ``{key: o}`` (norm bounding: how far each client moved from ``o``)."""
+    ``‖x_k − o‖²`` with ``origin`` ``{key: o}`` (norm bounding: how far each client moved from ``o``).
+    ``native``: the C loops for the fp32/fp64 groups they can read (:mod:`.native`)."""
     sources = as_sources(updates)
     threads = threads or default_threads()
     with gc_paused():
-        groups, device = plan_groups(sources, keys, record_views=threads == 1)
+        groups, device = plan_groups(sources, keys, record_views=threads == 1 and native is None)
         centres = None if origin is None else [_flat_origin(origin, group, device) for group in groups]
-        return _sq_norms(groups, len(sources), device, block_bytes, threads, centres)
+        return _sq_norms(groups, len(sources), device, block_bytes, threads, centres, native)
 
 
 def _flat_origin(origin: Mapping[str, torch.Tensor], group: Group, device: torch.device) -> torch.Tensor:
@@ -232,11 +236,18 @@ def _flat_origin(origin: Mapping[str, torch.Tensor], group: Group, device: torch
 
 
 def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_bytes: int,
-              threads: int, centres: list[torch.Tensor] | None = None) -> torch.Tensor:
+              threads: int, centres: list[torch.Tensor] | None = None,
+              native: NativeKernels | None = None) -> torch.Tensor:
     parts: dict[tuple[int, int], torch.Tensor] = {}  # (group, first element) → that block's squares
 
     for g, group in enumerate(groups):
         centre = None if centres is None else centres[g]
+        table = run_table(group) if native is not None and group.total > 0 else None
+        if table is not None:
+            for start, (rows, lengths, offsets) in _native_parts(group, table, threads).items():
+                acc = parts[(g, start)] = torch.zeros(clients, dtype=torch.float64)
+                native.sq_norms(acc, rows, lengths, offsets, group.dtype, centre)
+            continue
 
         def accumulate(start: int, count: int, block: torch.Tensor, g: int = g,
                        centre: torch.Tensor | None = centre) -> None:
@@ -268,16 +279,18 @@ def weighted_sum_many_torch(
     out_dtype: torch.dtype | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     threads: int | None = None,
+    native: NativeKernels | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{key: Σ_k weights[k] · updates[k][key]}`` for every key, in one pass over memory.
 
     Same contract as :func:`devft.aggregation.reference.weighted_sum_many_reference`; ``block_bytes`` is
     the size of one thread's staging matrix and ``threads`` the number of threads (default
-    :func:`default_threads`).
+    :func:`default_threads`). ``native``: the C loops for the fp32/fp64 groups they can read (the
+    ``native`` backend, :mod:`.native`).
     """
     with gc_paused():
         flats = weighted_sum_flat_torch(updates, weights, keys=keys, clip_norm=clip_norm, check_finite=check_finite,
-                                        out_dtype=out_dtype, block_bytes=block_bytes, threads=threads)
+                                        out_dtype=out_dtype, block_bytes=block_bytes, threads=threads, native=native)
         out: dict[str, torch.Tensor] = {}
         for group, flat in flats:
             out.update(split_output(flat, group, out_dtype))  # already in the output dtype: views only
@@ -295,6 +308,7 @@ def weighted_sum_flat_torch(
     out_dtype: torch.dtype | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     threads: int | None = None,
+    native: NativeKernels | None = None,
 ) -> list[tuple[Group, torch.Tensor]]:
     """The sums as one flat buffer per dtype group, in ``out_dtype`` or the group's dtype (cast once from
     the accumulation dtype, checked for overflow with ``check_finite``), keys back to back in ``group.keys``
@@ -304,15 +318,19 @@ def weighted_sum_flat_torch(
         sources = as_sources(updates)
         w = check_weights(weights, len(sources))
         threads = threads or default_threads()
-        # one thread: memoryview slice assignment (0.5 µs a copy); several: memmove, which drops the GIL
-        groups, device = plan_groups(sources, keys, record_views=threads == 1)
+        # one thread: memoryview slice assignment (0.5 µs a copy); several, or the C loops: addresses
+        groups, device = plan_groups(sources, keys, record_views=threads == 1 and native is None)
         if clip_norm is not None:
-            w = _clipped(w, _sq_norms(groups, len(sources), device, block_bytes, threads), clip_norm)
+            w = _clipped(w, _sq_norms(groups, len(sources), device, block_bytes, threads, native=native), clip_norm)
         flats: list[tuple[Group, torch.Tensor]] = []
         for group in groups:
             cdt = compute_dtype(group.dtype)
             flat = torch.empty(group.total, dtype=cdt, device=device)
-            if group.total > 0 and _accumulates(group):
+            table = run_table(group) if native is not None and group.total > 0 else None
+            if table is not None:
+                parts = list(_native_parts(group, table, threads).values())
+                _map_blocks(parts, lambda part, flat=flat: native.wsum(flat, *part, np.asarray(w)), threads, device)
+            elif group.total > 0 and _accumulates(group):
                 _accumulate(group, w, flat, block_bytes, threads)
             elif group.total > 0:
                 wvec = torch.tensor(w, dtype=cdt, device=device)
@@ -329,6 +347,20 @@ def weighted_sum_flat_torch(
                 flat = cast_checked(flat, group, target) if check_finite else flat.to(target)
             flats.append((group, flat))
         return flats
+
+
+def _native_parts(group: Group, table: np.ndarray, threads: int) -> dict[int, tuple[np.ndarray, ...]]:
+    """The group's runs as ``{first output element: (start addresses, lengths, output offsets)}``: all runs in
+    one part for one thread, else cut into ``threads`` consecutive parts of about equal size (:func:`_blocks`)."""
+    if threads <= 1:
+        lengths = np.asarray(group.runs, dtype=np.int64)
+        return {0: (table, lengths, np.cumsum(lengths) - lengths)}
+    parts = {}
+    for start, _, segs in _blocks(group, -(-group.total // threads)):
+        seg = np.asarray(segs, dtype=np.int64)  # (run, start in run, end in run, offset in part)
+        rows = table[seg[:, 0]] + (seg[:, 1] * group.itemsize)[:, None]
+        parts[start] = (rows, seg[:, 2] - seg[:, 1], start + seg[:, 3])
+    return parts
 
 
 def _clipped(weights: list[float], sq_norms: torch.Tensor, clip_norm: float) -> list[float]:

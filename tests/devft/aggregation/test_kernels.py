@@ -1,4 +1,4 @@
-"""The fused weighted sum (torch backend, dispatch) against an independent fp64 formula and the reference."""
+"""The fused weighted sum (torch and native backends, dispatch) against an independent fp64 formula and the reference."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def as_records(updates) -> list[ArrayRecord]:
 
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 def test_weighted_sum_many_matches_independent_formula(case, dtype, atol, rtol, backend):
     clients, shapes = CASES[case]
     updates = make_updates(clients, shapes, dtype)
@@ -59,38 +59,41 @@ def test_blocks_that_split_tensors_and_span_keys():
             torch.testing.assert_close(out[key].double(), expected[key], atol=1e-6, rtol=1e-5)
 
 
-def test_half_precision_accumulates_in_fp32():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_half_precision_accumulates_in_fp32(backend):
     # 3000 × 1.0 in fp16 accumulation sticks at 2048 (the spacing there is 2); fp32 accumulation gives 3000
     updates = [{"x": torch.ones(5, dtype=torch.float16)} for _ in range(3000)]
-    out = weighted_sum_many(updates, [1.0] * 3000, backend="torch")["x"]
+    out = weighted_sum_many(updates, [1.0] * 3000, backend=backend)["x"]
     assert out.dtype == torch.float16
     assert torch.equal(out, torch.full((5,), 3000.0, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_records_are_read_in_place_with_the_same_result(dtype):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_records_are_read_in_place_with_the_same_result(dtype, backend):
     updates = make_updates(4, [(37, 19), (8,), (4, 40)], dtype, seed=5)
     weights = [1.0, 2.0, 3.0, 4.0]
-    from_tensors = weighted_sum_many(updates, weights, backend="torch")
-    from_records = weighted_sum_many(as_records(updates), weights, backend="torch")  # memoryview copies
-    threaded = weighted_sum_many(as_records(updates), weights, backend="torch", threads=2)  # memmove copies
-    mixed = weighted_sum_many(as_records(updates[:2]) + updates[2:], weights, backend="torch")
+    from_tensors = weighted_sum_many(updates, weights, backend=backend)
+    from_records = weighted_sum_many(as_records(updates), weights, backend=backend)  # memoryview copies
+    threaded = weighted_sum_many(as_records(updates), weights, backend=backend, threads=2)  # memmove copies
+    mixed = weighted_sum_many(as_records(updates[:2]) + updates[2:], weights, backend=backend)
     for key in from_tensors:
         assert torch.equal(from_records[key], from_tensors[key]), key
         assert torch.equal(threaded[key], from_tensors[key]), key
         assert torch.equal(mixed[key], from_tensors[key]), key
 
 
-def test_fortran_order_records_are_read_correctly():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fortran_order_records_are_read_correctly(backend):
     x = [torch.randn(6, 9, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     records = [ArrayRecord({"w": Array(np.asfortranarray(t.numpy()))}) for t in x]
     assert b"'fortran_order': True" in records[0]["w"].data[:128]
     for threads in (1, 2):
-        out = weighted_sum_many(records, [0.2, 0.3, 0.5], backend="torch", threads=threads)["w"]
+        out = weighted_sum_many(records, [0.2, 0.3, 0.5], backend=backend, threads=threads)["w"]
         torch.testing.assert_close(out, 0.2 * x[0] + 0.3 * x[1] + 0.5 * x[2])
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 def test_clipping_scales_each_client_by_its_global_norm(backend):
     updates = make_updates(3, [(10, 4), (7,)], torch.float32, seed=7)
     updates[1] = {k: 50 * v for k, v in updates[1].items()}  # one large update gets clipped
@@ -133,7 +136,7 @@ def test_an_origin_without_a_key_or_of_another_size_is_named():
         client_sq_norms(updates, origin={**origin, key: torch.zeros(5)})
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 def test_clipping_over_mixed_dtypes_uses_one_norm_per_client(backend):
     updates = mixed_dtype_updates(3, seed=12)
     updates[0] = {k: 40 * v for k, v in updates[0].items()}
@@ -144,7 +147,7 @@ def test_clipping_over_mixed_dtypes_uses_one_norm_per_client(backend):
         torch.testing.assert_close(out[key].double(), expected[key].to(dtype).double(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_values_name_client_and_key(backend, bad):
     updates = make_updates(4, [(5, 3), (11,)], torch.float32, seed=9)
@@ -160,14 +163,15 @@ def test_non_finite_values_name_client_and_key(backend, bad):
     assert not bool(torch.isfinite(out["t1"]).all())
 
 
-def test_overflow_of_finite_inputs_is_reported_without_blaming_a_client():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_overflow_of_finite_inputs_is_reported_without_blaming_a_client(backend):
     updates = [{"x": torch.full((4,), 3e38)} for _ in range(3)]
     with pytest.raises(NonFiniteUpdateError) as info:
-        weighted_sum_many(updates, [1.0, 1.0, 1.0], backend="torch")
+        weighted_sum_many(updates, [1.0, 1.0, 1.0], backend=backend)
     assert info.value.client is None and "overflow" in str(info.value)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 def test_inconsistent_updates_raise_named_errors(backend):
     updates = make_updates(3, [(4, 4), (3,)], torch.float32)
     missing = [updates[0], updates[1], {"t0": updates[2]["t0"]}]
@@ -182,7 +186,7 @@ def test_inconsistent_updates_raise_named_errors(backend):
         weighted_sum_many(updates, [1.0, 2.0], backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 @pytest.mark.parametrize(("weights", "message"), [
     ([[1.0], [2.0]], r"weight 0 must be a real number, got \[1.0\]"),  # summed as 7 before
     ([1, "x"], r"weight 1 must be a real number, got 'x'"),
@@ -239,12 +243,14 @@ def test_weighted_sum_stays_differentiable():
     assert torch.allclose(a.grad, torch.full((3, 4), 0.25)) and torch.allclose(b.grad, torch.full((3, 4), -2.0))
 
 
-def test_dispatch_picks_torch_on_cpu_and_reports_missing_triton(monkeypatch):
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+def test_dispatch_picks_native_on_cpu_and_reports_missing_triton(monkeypatch):
+    assert resolve_backend("auto", torch.device("cpu")) == "native"  # this machine has a C compiler (CI too)
     with pytest.raises(ValueError, match="unknown aggregation backend"):
         resolve_backend("cuda-magic", torch.device("cpu"))
     import devft.aggregation.kernels as kernels
 
+    monkeypatch.setattr(kernels, "native_kernels", lambda: None)
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install devft\[triton\]"):
         kernels.resolve_backend("triton", torch.device("cpu"))
@@ -300,17 +306,19 @@ def test_a_gpu_triton_cannot_compile_for_is_reported_once(fresh_triton_probe, mo
     assert caplog.text.count("compute capability 6.1") == 1
 
 
-def test_reference_many_matches_torch_backend_on_mixed_dtype_keys():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_reference_many_matches_torch_backend_on_mixed_dtype_keys(backend):
     g = torch.Generator().manual_seed(2)
     updates = [{"a": torch.randn(9, generator=g), "h": torch.randn(9, generator=g).half()} for _ in range(3)]
     ref = weighted_sum_many_reference(updates, [1.0, 2.0, 3.0])
-    out = weighted_sum_many(updates, [1.0, 2.0, 3.0], backend="torch")
+    out = weighted_sum_many(updates, [1.0, 2.0, 3.0], backend=backend)
     assert out["h"].dtype == torch.float16 and out["a"].dtype == torch.float32
     for key in ref:
         torch.testing.assert_close(out[key], ref[key])
 
 
-def test_a_client_whose_numpy_wrote_another_header_is_parsed_not_trusted():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_client_whose_numpy_wrote_another_header_is_parsed_not_trusted(backend):
     import io
 
     x = [torch.randn(4, 6, generator=torch.Generator().manual_seed(k)) for k in range(3)]
@@ -321,9 +329,9 @@ def test_a_client_whose_numpy_wrote_another_header_is_parsed_not_trusted():
     records[1]["w"] = Array(dtype="float32", shape=(4, 6), stype="numpy.ndarray", data=buf.getvalue() + arr.tobytes())
     assert records[1]["w"].data[:8] != records[0]["w"].data[:8]
     for threads in (1, 2):
-        out = weighted_sum_many(records, [1.0, 2.0, 3.0], backend="torch", threads=threads)["w"]
+        out = weighted_sum_many(records, [1.0, 2.0, 3.0], backend=backend, threads=threads)["w"]
         torch.testing.assert_close(out, x[0] + 2 * x[1] + 3 * x[2])
     records[2]["w"] = Array(np.zeros((4, 5), dtype=np.float32))
     with pytest.raises(InvalidUpdateError, match=r"\(4, 5\)") as info:
-        weighted_sum_many(records, [1.0, 2.0, 3.0], backend="torch")
+        weighted_sum_many(records, [1.0, 2.0, 3.0], backend=backend)
     assert info.value.client == 2

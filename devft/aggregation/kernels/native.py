@@ -1,0 +1,236 @@
+"""The ``native`` backend's inner loops: ``native_wsum.c``, compiled on first use with the machine's C compiler
+and called through ctypes.
+
+Why C: the torch backend sums long runs (packed payloads, large tensors) with one in-place ``add_`` per
+client, which reads one input stream at a time; on the 2-core development VM that read 5–6 GB/s, about half
+of what a plain copy moves. The C loop reads four clients' streams in one pass over each cache-sized output
+tile and measured at 0.9–1.0 of the copy's rate on the same machine (docs/benchmarks.md). torch has no
+fused "sum of N separate buffers" op, and staging the buffers into one matrix for a gemv costs a copy.
+
+How: the source is compiled once per machine (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3``, no
+``-march``: the loop is bound by memory, and a generic build runs anywhere the cache directory is shared)
+into ``cache_root()/kernels/native_wsum-<hash of source, compiler and flags>.so``, written atomically, so
+every process of a simulation after the first loads it in milliseconds. A library that loads is checked
+against numpy on small inputs before use. Where no compiler is found, compiling fails or the check fails,
+:func:`native_kernels` returns ``None`` once with a logged reason (:func:`unavailable_reason`), and ``auto``
+aggregates with the torch backend.
+
+Only fp32 and fp64 CPU buffers are handled (half precision stays with the torch backend, which converts on
+the fly): :func:`run_table` says whether a group qualifies and where each client's runs start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from devft.aggregation._plan import Group
+from devft.cache import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_wsum.c")
+CFLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+COMPILE_TIMEOUT_S = 120
+DEFAULT_TILE_BYTES = 256 << 10  # output tile per pass of four clients (measured best of 16 KiB .. 1 MiB)
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+_CTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+_unavailable: list[str] = []  # why native_kernels() returned None, once it has
+
+
+class NativeKernels:
+    """The compiled library's entry points, typed."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._library = library  # kept alive: the functions below point into it
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._wsum, self._sqnorms = {}, {}
+        for dtype, suffix in SUFFIXES.items():
+            wsum = getattr(library, f"devft_wsum_{suffix}")
+            sqnorms = getattr(library, f"devft_sqnorms_{suffix}")
+            wsum.argtypes = [p, p, p, p, i64, i64, p, i64]
+            sqnorms.argtypes = [p, p, p, p, i64, i64, p, i64]
+            wsum.restype = sqnorms.restype = None
+            self._wsum[dtype], self._sqnorms[dtype] = wsum, sqnorms
+
+    def wsum(self, out: torch.Tensor, table: np.ndarray, lengths: np.ndarray, offsets: np.ndarray,
+             weights: np.ndarray, tile_bytes: int = DEFAULT_TILE_BYTES) -> None:
+        """``out[offsets[r] + i] = Σ_k weights[k] · run r of client k [i]`` for every run ``r``.
+
+        ``table``: ``(runs, clients)`` int64 start addresses of each client's run, ``lengths`` and
+        ``offsets`` int64 element counts, ``weights`` in ``out``'s dtype. The caller keeps the buffers
+        alive and makes sure every address is inside them (:func:`run_table` does); ctypes releases the
+        GIL for the call, so threads summing different runs overlap."""
+        weights = np.ascontiguousarray(weights, dtype=_CTYPES[out.dtype])
+        if weights.shape != (table.shape[1],):
+            raise ValueError(f"native wsum got {weights.shape} weights for {table.shape[1]} clients")
+        self._call(self._wsum[out.dtype], out, table, lengths, offsets, weights, tile_bytes)
+
+    def sq_norms(self, acc: torch.Tensor, table: np.ndarray, lengths: np.ndarray, offsets: np.ndarray,
+                 dtype: torch.dtype, centre: torch.Tensor | None = None,
+                 tile_bytes: int = DEFAULT_TILE_BYTES) -> None:
+        """``acc[k] += Σ_r Σ_i (run r of client k [i] − centre[offsets[r] + i])²`` in fp64 (``acc``: fp64,
+        one per client; no ``centre``: plain squares). Buffers as in :meth:`wsum`."""
+        if acc.dtype != torch.float64 or acc.shape != (table.shape[1],) or not acc.is_contiguous():
+            raise ValueError(f"native sq_norms needs a contiguous fp64 accumulator of {table.shape[1]} clients")
+        if centre is not None and (centre.dtype != dtype or not centre.is_contiguous()):
+            raise ValueError(f"native sq_norms needs a contiguous {dtype} centre, got {centre.dtype}")
+        self._call(self._sqnorms[dtype], acc, table, lengths, offsets, centre, tile_bytes, dtype)
+
+    @staticmethod
+    def _call(fn, out, table, lengths, offsets, last, tile_bytes, dtype=None) -> None:  # noqa: ANN001
+        itemsize = torch.empty(0, dtype=dtype or out.dtype).element_size()
+        runs, clients = table.shape
+        if not (len(lengths) == len(offsets) == runs) or table.dtype != np.int64:
+            raise ValueError(f"native call with a {table.shape} {table.dtype} table, {len(lengths)} lengths and "
+                             f"{len(offsets)} offsets; expected int64 (runs, clients) and one length and offset a run")
+        table = np.ascontiguousarray(table)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        pointer = None if last is None else (last.ctypes.data if isinstance(last, np.ndarray) else last.data_ptr())
+        fn(out.data_ptr(), table.ctypes.data, lengths.ctypes.data, offsets.ctypes.data, runs, clients, pointer,
+           max(1, tile_bytes // itemsize))
+
+
+def run_table(group: Group) -> np.ndarray | None:
+    """``(runs, clients)`` int64 start addresses of every client's runs of ``group``, or ``None`` where the
+    native loops cannot read them: a dtype other than fp32/fp64, byte views (plan with addresses), tensors
+    not on the CPU or not laid out with unit stride, or an address not aligned to the element size."""
+    if group.dtype not in SUFFIXES or not group.elements:
+        return None
+    columns = []
+    for els in group.elements:
+        if els and isinstance(els[0], torch.Tensor):
+            if any(t.device.type != "cpu" or (t.numel() > 1 and t.stride(0) != 1) for t in els):
+                return None
+            columns.append([t.data_ptr() for t in els])
+        elif all(isinstance(e, int) for e in els):
+            columns.append(els)
+        else:
+            return None
+    table = np.array(columns, dtype=np.int64).reshape(len(columns), len(group.runs)).T.copy()
+    if (table % group.itemsize).any():
+        return None
+    return table
+
+
+def native_kernels() -> NativeKernels | None:
+    """The compiled kernels of this process (built or loaded once), or ``None`` with the reason logged once."""
+    return _load_once()
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`native_kernels` returned ``None`` (``None`` if it has not, or has not been asked)."""
+    return _unavailable[0] if _unavailable else None
+
+
+@functools.cache
+def _load_once() -> NativeKernels | None:
+    try:
+        return load(cache_root() / "kernels")
+    except NativeUnavailableError as err:
+        _unavailable.append(str(err))
+        log.warning("native aggregation kernels unavailable (%s); aggregating with the torch backend", err)
+        return None
+
+
+class NativeUnavailableError(RuntimeError):
+    """The C kernels cannot be built, loaded or trusted on this machine."""
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (split like a shell would), else the first of ``cc``, ``gcc``, ``clang``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise NativeUnavailableError("no C compiler found: install one (e.g. gcc) or set CC")
+
+
+def load(folder: Path) -> NativeKernels:
+    """Build (if not cached in ``folder``), load and check the kernels; raises :class:`NativeUnavailableError`."""
+    cc = compiler()
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NativeUnavailableError(f"C compiler {shlex.join(cc)!r} does not run: {err}") from err
+    key = hashlib.sha256(b"\0".join([source, shlex.join([*cc, *CFLAGS]).encode(), version,
+                                     platform.machine().encode()])).hexdigest()[:16]
+    path = folder / f"native_wsum-{key}.so"
+    if not path.exists():
+        path = _compile(cc, path)
+    try:
+        kernels = NativeKernels(ctypes.CDLL(str(path)), path)
+    except (OSError, AttributeError) as err:
+        raise NativeUnavailableError(f"{path} does not load: {err}") from err
+    _check(kernels)
+    return kernels
+
+
+def _compile(cc: list[str], path: Path) -> Path:
+    """Compile :data:`SOURCE` to ``path`` through a temporary file renamed into place (concurrent builders
+    each rename a whole library); where ``path``'s folder cannot be written, into a temporary folder.
+    Returns where the library is."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        log.warning("cannot write %s (%s); compiling the native kernels into a temporary folder", path.parent, err)
+        path = Path(tempfile.mkdtemp(prefix="devft-native-")) / path.name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed: {err}") from err
+    if done.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        detail = (done.stderr or done.stdout).strip().splitlines()[:3]
+        raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed "
+                                     f"(exit {done.returncode}): {' | '.join(detail)}")
+    os.replace(tmp, path)
+    log.info("compiled the native aggregation kernels into %s", path)
+    return path
+
+
+def _check(kernels: NativeKernels) -> None:
+    """Both entry points of both dtypes against numpy, on runs that exercise every remainder of four clients."""
+    rng = np.random.default_rng(0)
+    for dtype, np_dtype in _CTYPES.items():
+        for clients in (1, 2, 3, 4, 7):
+            runs = [rng.standard_normal((clients, n)).astype(np_dtype) for n in (37, 0, 5)]
+            weights = rng.standard_normal(clients).astype(np_dtype)
+            table = np.array([[r[k].ctypes.data for k in range(clients)] for r in runs], dtype=np.int64)
+            lengths = np.array([r.shape[1] for r in runs], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            out = torch.full((int(lengths.sum()),), float("nan"), dtype=dtype)
+            kernels.wsum(out, table, lengths, offsets, weights, tile_bytes=16 * out.element_size())
+            want = np.concatenate([(weights.astype(np.float64) @ r.astype(np.float64)) for r in runs])
+            centre = torch.from_numpy(rng.standard_normal(out.numel()).astype(np_dtype))
+            acc = torch.zeros(clients, dtype=torch.float64)
+            kernels.sq_norms(acc, table, lengths, offsets, dtype, centre, tile_bytes=16 * out.element_size())
+            stacked = np.concatenate(runs, axis=1).astype(np.float64)
+            want_sq = ((stacked - centre.numpy().astype(np.float64)) ** 2).sum(axis=1)
+            if not (np.allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+                    and np.allclose(acc.numpy(), want_sq, rtol=1e-6)):
+                raise NativeUnavailableError(f"{kernels.path} gives wrong sums ({dtype}, {clients} clients); "
+                                             "delete it to rebuild, or set CC to another compiler")

@@ -1,0 +1,242 @@
+"""The native backend: its C loops against an independent formula, that they are really the ones used, how
+they are built and cached, and what happens where they cannot be."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aggregation_cases import CASES, TOLERANCES, independent, make_updates, mixed_dtype_updates, weights_for
+from flwr.app import Array, ArrayRecord
+
+import devft.aggregation.kernels as kernels
+from devft.aggregation import aggregate_arrayrecords, pack_arrayrecord, record_tensors, weighted_sum_many
+from devft.aggregation._plan import Group
+from devft.aggregation.kernels import native
+from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weighted_sum_many_torch
+
+REPO = Path(__file__).resolve().parents[3]
+NATIVE_DTYPES = [t for t in TOLERANCES if t[0] in (torch.float32, torch.float64)]
+
+if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+    pytest.skip("no C compiler on this machine: the native backend cannot be built", allow_module_level=True)
+
+
+@pytest.fixture
+def kernels_spy(monkeypatch):
+    """The process's compiled kernels, counting the calls of each entry point."""
+    lib = native.native_kernels()
+    assert lib is not None, native.unavailable_reason()
+    calls = {"wsum": 0, "sq_norms": 0}
+    for name in calls:
+        real = getattr(lib, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(lib, name, counted)
+    return lib, calls
+
+
+def as_records(updates) -> list[ArrayRecord]:
+    return [ArrayRecord({k: Array(v.numpy()) for k, v in u.items()}) for u in updates]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", NATIVE_DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_sums_match_the_formula_for_tensors_records_and_any_threads(case, dtype, atol, rtol, kernels_spy):
+    lib, calls = kernels_spy
+    clients, shapes = CASES[case]
+    updates = make_updates(clients, shapes, dtype, seed=11)
+    weights = weights_for(clients)
+    expected = independent(updates, weights)
+    one = weighted_sum_many_torch(updates, weights, threads=1, native=lib)
+    assert calls["wsum"] == 1  # one C call for every run of the group, not the torch loops
+    for key, exp in expected.items():
+        assert one[key].dtype == dtype
+        torch.testing.assert_close(one[key].double(), exp.to(dtype).double(), atol=atol, rtol=rtol)
+    for threads in (2, 3):  # each output element is summed by one thread, in the same order: bitwise equal
+        for source in (updates, as_records(updates)):
+            out = weighted_sum_many_torch(source, weights, threads=threads, native=lib)
+            assert all(torch.equal(out[k], one[k]) for k in one), (threads, type(source[0]))
+    assert torch.equal(weighted_sum_many(as_records(updates), weights, backend="native")["t0"], one["t0"])
+
+
+def test_packed_records_are_summed_natively_with_the_torch_backends_result(kernels_spy):
+    _, calls = kernels_spy
+    updates = make_updates(6, [(300, 701), (5,), (4, 8)], torch.float32, seed=2)
+    packed = [pack_arrayrecord(u) for u in updates]
+    counts = [3, 1, 4, 1, 5, 9]
+    ours = record_tensors(aggregate_arrayrecords(packed, counts, backend="native"))
+    assert calls["wsum"] == 1
+    torch_loops = record_tensors(aggregate_arrayrecords(packed, counts, backend="torch"))
+    expected = independent(updates, [c / sum(counts) for c in counts])
+    for key in expected:
+        torch.testing.assert_close(ours[key].double(), expected[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours[key], torch_loops[key], atol=1e-6, rtol=1e-5)
+
+
+def test_half_precision_keys_of_a_native_call_take_the_torch_loops(kernels_spy):
+    lib, calls = kernels_spy
+    updates = mixed_dtype_updates(3, seed=5)  # fp16, fp32 and fp64 keys
+    out = weighted_sum_many_torch(updates, [0.5, 0.25, 0.25], native=lib)
+    assert calls["wsum"] == 2  # the fp32 and fp64 groups
+    expected = independent(updates, [0.5, 0.25, 0.25])
+    for key, (dtype, atol, rtol) in zip(("t0", "t1", "t2"), [TOLERANCES[1], TOLERANCES[0], TOLERANCES[3]]):
+        assert out[key].dtype == dtype
+        torch.testing.assert_close(out[key].double(), expected[key].to(dtype).double(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_squared_norms_and_distances_match_the_formula(case, dtype, rtol, kernels_spy):
+    lib, calls = kernels_spy
+    clients, shapes = CASES[case]
+    updates = make_updates(clients, shapes, dtype, seed=3)
+    origin = make_updates(1, shapes, dtype, seed=4)[0]
+    plain = torch.tensor([sum(float(u[k].double().pow(2).sum()) for k in u) for u in updates], dtype=torch.float64)
+    far = torch.tensor([sum(float((u[k].double() - origin[k].double()).pow(2).sum()) for k in u) for u in updates],
+                       dtype=torch.float64)
+    for source in (updates, as_records(updates)):
+        for want, centre in ((plain, None), (far, origin)):
+            one = client_sq_norms_torch(source, origin=centre, threads=1, native=lib)
+            torch.testing.assert_close(one, want, rtol=rtol, atol=0)
+            # parts cut the fp32 stretches elsewhere: the same sums to fp32 stretch rounding (1e-9 here)
+            torch.testing.assert_close(client_sq_norms_torch(source, origin=centre, threads=3, native=lib), one,
+                                       rtol=rtol / 10, atol=0)
+    assert calls["sq_norms"] >= 4
+
+
+def test_clipping_in_a_native_call_takes_native_norms(kernels_spy):
+    lib, calls = kernels_spy
+    updates = make_updates(3, [(10, 4), (7,)], torch.float32, seed=7)
+    updates[1] = {k: 50 * v for k, v in updates[1].items()}
+    norms = [sum(float(v.double().pow(2).sum()) for v in u.values()) ** 0.5 for u in updates]
+    factors = [min(1.0, 3.0 / n) for n in norms]
+    out = weighted_sum_many_torch(updates, [0.2, 0.3, 0.5], clip_norm=3.0, native=lib)
+    assert calls == {"wsum": 1, "sq_norms": 1}
+    expected = independent(updates, [w * f for w, f in zip([0.2, 0.3, 0.5], factors)])
+    for key in expected:
+        torch.testing.assert_close(out[key].double(), expected[key], atol=1e-6, rtol=1e-5)
+
+
+def test_strided_tensors_and_misaligned_addresses_are_left_to_the_torch_loops(kernels_spy):
+    lib, calls = kernels_spy
+    base = [torch.randn(40, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    strided = [{"x": b[::2]} for b in base]  # 1-D views with stride 2
+    out = weighted_sum_many_torch(strided, [1.0, 2.0, 3.0], native=lib)["x"]
+    assert calls["wsum"] == 0
+    torch.testing.assert_close(out, base[0][::2] + 2 * base[1][::2] + 3 * base[2][::2])
+    group = Group(torch.float32)
+    group.add("x", (4,), None)
+    buf = torch.zeros(8)
+    group.elements = [[buf.data_ptr()], [buf.data_ptr() + 2]]  # client 1's run is not 4-byte aligned
+    assert native.run_table(group) is None
+    group.elements = [[buf.data_ptr()], [buf.data_ptr() + 4]]
+    assert native.run_table(group).tolist() == [[buf.data_ptr(), buf.data_ptr() + 4]]
+    group.dtype = torch.float16
+    assert native.run_table(group) is None
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    first = native.load(tmp_path)
+    assert first.path.parent == tmp_path and first.path.name.startswith("native_wsum-")
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert native.load(tmp_path).path == first.path
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left behind
+
+
+def test_another_compiler_command_builds_another_library(tmp_path, monkeypatch):
+    default = native.load(tmp_path).path
+    monkeypatch.setenv("CC", f"{native.compiler()[0]} -DDEVFT_ANY_FLAG")
+    assert native.load(tmp_path).path != default
+
+
+def test_a_folder_that_cannot_be_written_builds_into_a_temporary_one(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING):
+        lib = native.load(blocked / "kernels")
+    assert lib.path.exists() and not lib.path.is_relative_to(blocked)
+    assert "compiling the native kernels into a temporary folder" in caplog.text
+
+
+@pytest.mark.parametrize(("cc", "message"), [
+    ("/nonexistent/cc", r"C compiler '/nonexistent/cc' does not run"),
+    ("false", r"compiling native_wsum.c with 'false' failed \(exit 1\)"),
+    (None, r"failed \(exit 1\): .*nonexistent-header\.h"),  # the compiler's own message, first lines
+])
+def test_a_compiler_that_fails_is_named_with_its_message(cc, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", cc or f"{native.compiler()[0]} -include nonexistent-header.h")
+    with pytest.raises(native.NativeUnavailableError, match=message):
+        native.load(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_library_that_sums_wrongly_is_refused():
+    class Wrong:
+        path = Path("wrong.so")
+
+        def wsum(self, out, *args, **kwargs):
+            out.zero_()
+
+        def sq_norms(self, *args, **kwargs):
+            pass
+
+    with pytest.raises(native.NativeUnavailableError, match="wrong.so gives wrong sums"):
+        native._check(Wrong())
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """A process with no native kernels loaded yet; the real ones are loaded again afterwards."""
+    native._load_once.cache_clear()
+    native._unavailable.clear()
+    yield
+    native._load_once.cache_clear()
+    native._unavailable.clear()
+
+
+def test_without_a_compiler_auto_takes_torch_and_says_why_once(fresh_native, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    updates = make_updates(3, [(5, 4)], torch.float32)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            out = weighted_sum_many(updates, [1.0, 1.0, 1.0])
+            assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    torch.testing.assert_close(out["t0"], updates[0]["t0"] + updates[1]["t0"] + updates[2]["t0"])
+    assert caplog.text.count("native aggregation kernels unavailable") == 1
+    assert "aggregating with the torch backend" in caplog.text
+    assert "native" not in kernels.available_backends()
+    with pytest.raises(RuntimeError, match=r"backend='native' is unavailable here: C compiler '/nonexistent/cc'"):
+        weighted_sum_many(updates, [1.0, 1.0, 1.0], backend="native")
+
+
+def test_native_refuses_data_that_is_not_on_the_cpu():
+    with pytest.raises(ValueError, match="backend='native' sums CPU data; these updates are on cuda"):
+        kernels.resolve_backend("native", torch.device("cuda"))
+
+
+def test_the_c_source_ships_in_the_wheel():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]["devft.aggregation.kernels"]
+    assert native.SOURCE.is_relative_to(REPO / "devft" / "aggregation" / "kernels")
+    assert any(fnmatch(native.SOURCE.name, p) for p in patterns)
+
+
+def test_weights_are_converted_to_the_data_dtype_and_counted():
+    lib = native.native_kernels()
+    out = torch.empty(3, dtype=torch.float64)
+    x = np.arange(3, dtype=np.float64)
+    table = np.array([[x.ctypes.data, x.ctypes.data]], dtype=np.int64)
+    lib.wsum(out, table, np.array([3]), np.array([0]), [0.5, 0.25])
+    assert out.tolist() == [0.0, 0.75, 1.5]
+    with pytest.raises(ValueError, match=r"\(3,\) weights for 2 clients"):
+        lib.wsum(out, table, np.array([3]), np.array([0]), [0.5, 0.25, 1.0])
