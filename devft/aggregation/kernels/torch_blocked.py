@@ -53,6 +53,7 @@ _memmove = ctypes.memmove  # a ctypes foreign function: releases the GIL while i
 
 Segment = tuple[int, int, int, int]  # (run index, start element in run, end element in run, offset in block)
 ACCUMULATE_MIN_RUN = 1 << 17  # mean run length (elements) from which tensors are accumulated in place (measured)
+NATIVE_NORM_PART = 1 << 20  # elements per part of the native norms, whichever thread measures it
 
 
 def default_threads() -> int:
@@ -243,10 +244,15 @@ def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_byt
     for g, group in enumerate(groups):
         centre = None if centres is None else centres[g]
         table = run_table(group) if native is not None and group.total > 0 else None
-        if table is not None:
-            for start, (rows, lengths, offsets) in _native_parts(group, table, threads).items():
-                acc = parts[(g, start)] = torch.zeros(clients, dtype=torch.float64)
-                native.sq_norms(acc, rows, lengths, offsets, group.dtype, centre)
+        if table is not None:  # parts of a fixed size: the same partial sums for any thread count
+            pieces = _native_parts(group, table, NATIVE_NORM_PART)
+            for start in pieces:
+                parts[(g, start)] = torch.zeros(clients, dtype=torch.float64)
+
+            def measure(start: int, g: int = g, centre: torch.Tensor | None = centre, pieces=pieces) -> None:
+                native.sq_norms(parts[(g, start)], *pieces[start], group.dtype, centre)
+
+            _map_blocks(list(pieces), measure, threads, device)
             continue
 
         def accumulate(start: int, count: int, block: torch.Tensor, g: int = g,
@@ -327,8 +333,8 @@ def weighted_sum_flat_torch(
             cdt = compute_dtype(group.dtype)
             flat = torch.empty(group.total, dtype=cdt, device=device)
             table = run_table(group) if native is not None and group.total > 0 else None
-            if table is not None:
-                parts = list(_native_parts(group, table, threads).values())
+            if table is not None:  # one part a thread: each output element is summed by one, in one order
+                parts = list(_native_parts(group, table, -(-group.total // threads)).values())
                 _map_blocks(parts, lambda part, flat=flat: native.wsum(flat, *part, np.asarray(w)), threads, device)
             elif group.total > 0 and _accumulates(group):
                 _accumulate(group, w, flat, block_bytes, threads)
@@ -349,14 +355,14 @@ def weighted_sum_flat_torch(
         return flats
 
 
-def _native_parts(group: Group, table: np.ndarray, threads: int) -> dict[int, tuple[np.ndarray, ...]]:
-    """The group's runs as ``{first output element: (start addresses, lengths, output offsets)}``: all runs in
-    one part for one thread, else cut into ``threads`` consecutive parts of about equal size (:func:`_blocks`)."""
-    if threads <= 1:
+def _native_parts(group: Group, table: np.ndarray, length: int) -> dict[int, tuple[np.ndarray, ...]]:
+    """The group's runs as ``{first output element: (start addresses, lengths, output offsets)}`` in
+    consecutive parts of at most ``length`` elements (:func:`_blocks`; all runs in one part if they fit)."""
+    if length >= group.total:
         lengths = np.asarray(group.runs, dtype=np.int64)
         return {0: (table, lengths, np.cumsum(lengths) - lengths)}
     parts = {}
-    for start, _, segs in _blocks(group, -(-group.total // threads)):
+    for start, _, segs in _blocks(group, length):
         seg = np.asarray(segs, dtype=np.int64)  # (run, start in run, end in run, offset in part)
         rows = table[seg[:, 0]] + (seg[:, 1] * group.itemsize)[:, None]
         parts[start] = (rows, seg[:, 2] - seg[:, 1], start + seg[:, 3])
