@@ -6,8 +6,11 @@ and gets the same partitions. The test set shares no ``(instruction, input)`` wi
 - built-in suite: training is generated with ``seed``, the test set with a separate seed
   (``seed + TEST_SEED_OFFSET``), dropping records seen in training or already in the test set; families
   are balanced as in the suite (round-robin quotas).
-- user data: the records are shuffled with ``seed``; the first ``num_test`` form the test set, and the
-  training set is the next ``num_train`` records whose ``(instruction, input)`` is not in the test set.
+- user data: the records are shuffled with ``seed``; the first ``num_test`` distinct ``(instruction,
+  input)`` pairs form the test set, and the training set is the next ``num_train`` records whose pair is
+  not in the test set. A ``save_to_disk`` ``DatasetDict`` with a ``test`` split gives the test set from that
+  split instead (its first ``num_test`` distinct pairs after the same shuffle), and the training set from
+  its ``train`` split, again without any test pair.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from itertools import accumulate
 
 from devft.data.partition import family_histogram, partition_indices
 from devft.data.settings import DataSettings
-from devft.data.sources import load_examples
+from devft.data.sources import load_user_splits
 from devft.data.tasks import Example, check_families, generate_task_suite
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,56 @@ def _task_test_set(
     return [per_family[families[i % len(families)]][i // len(families)] for i in range(num_test)]
 
 
+def _shuffled(examples: list[Example], seed: int) -> list[Example]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order]
+
+
+def _distinct_prefix(examples: list[Example], count: int, where: str) -> list[Example]:
+    """The first ``count`` examples of ``examples`` with distinct ``(instruction, input)`` pairs."""
+    test, keys = [], set()
+    for example in examples:
+        if len(test) == count:
+            break
+        if _key(example) not in keys:
+            test.append(example)
+            keys.add(_key(example))
+    if len(test) < count:
+        raise ValueError(f"{where} has {len(keys)} distinct (instruction, input) pairs: not enough for "
+                         f"num_test={count} held-out examples")
+    return test
+
+
+def _user_split(settings: DataSettings) -> tuple[list[Example], list[Example]]:
+    """(training, test) examples of user data (the module docstring says how)."""
+    records, held_out = load_user_splits(settings.source)
+    records = _shuffled(records, settings.seed)
+    if held_out is None:
+        if len(records) <= settings.num_test:
+            raise ValueError(
+                f"source={settings.source!r} has {len(records)} examples: not enough for num_test="
+                f"{settings.num_test} held-out examples plus training"
+            )
+        test = _distinct_prefix(records, settings.num_test, f"source={settings.source!r}")
+    else:
+        test = _distinct_prefix(_shuffled(held_out, settings.seed), settings.num_test,
+                                f"the 'test' split of source={settings.source!r}")
+    test_keys = {_key(e) for e in test}
+    train = [e for e in records if _key(e) not in test_keys]
+    if held_out is not None and len(train) < len(records):
+        log.warning("source=%r: %d records of the 'train' split repeat an (instruction, input) pair of the %d "
+                    "held-out ones and are left out of training", settings.source, len(records) - len(train),
+                    len(test))
+    if not train:
+        raise ValueError(f"source={settings.source!r} leaves no training examples besides the {len(test)} held out")
+    if len(train) < settings.num_train:
+        log.warning("source=%r leaves %d training examples besides the %d held out (repeats of a held-out "
+                    "pair are left out too): fewer than num_train=%d", settings.source, len(train),
+                    len(test), settings.num_train)
+    return train[: settings.num_train], test
+
+
 def build_federated_data(settings: DataSettings) -> FederatedData:
     """Load or generate the examples of ``settings``, hold out the test set, and partition the rest."""
     if settings.source == "tasks":
@@ -86,30 +139,7 @@ def build_federated_data(settings: DataSettings) -> FederatedData:
         train = generate_task_suite(settings.num_train, settings.seed, families)
         test = _task_test_set(settings.num_test, settings.seed, families, {_key(e) for e in train})
     else:
-        examples = load_examples(settings.source)
-        order = list(range(len(examples)))
-        random.Random(settings.seed).shuffle(order)
-        if len(examples) <= settings.num_test:
-            raise ValueError(
-                f"source={settings.source!r} has {len(examples)} examples: not enough for num_test="
-                f"{settings.num_test} held-out examples plus training"
-            )
-        test, test_keys = [], set()
-        for i in order:  # the first num_test distinct (instruction, input) pairs of the shuffle
-            if len(test) == settings.num_test:
-                break
-            if _key(examples[i]) not in test_keys:
-                test.append(examples[i])
-                test_keys.add(_key(examples[i]))
-        if len(test) < settings.num_test:
-            raise ValueError(f"source={settings.source!r} has {len(test_keys)} distinct (instruction, input) pairs: "
-                             f"not enough for num_test={settings.num_test} held-out examples plus training")
-        train = [examples[i] for i in order if _key(examples[i]) not in test_keys]
-        if len(train) < settings.num_train:
-            log.warning("source=%r leaves %d training examples besides the %d held out (repeats of a held-out "
-                        "pair are left out too): fewer than num_train=%d", settings.source, len(train),
-                        settings.num_test, settings.num_train)
-        train = train[: settings.num_train]
+        train, test = _user_split(settings)
     indices = partition_indices(
         train,
         settings.num_clients,

@@ -7,12 +7,15 @@ User records need ``instruction`` and ``output`` strings; ``input`` is optional 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from devft.data.tasks import Example, generate_task_suite
+
+log = logging.getLogger(__name__)
 
 USER_FAMILY = "user"
 """Family of user records that carry no ``family`` of their own."""
@@ -25,7 +28,8 @@ def load_examples(source: str, num_examples: int | None = None, seed: int = 0) -
 
     ``source`` is ``"tasks"`` (the built-in suite: ``num_examples`` records generated from ``seed``), the
     path of a ``.jsonl`` file with one Alpaca record per line, or a directory written by
-    ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` must have a ``train`` split). For user data,
+    ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` must have a ``train`` split; these are its
+    records, and :func:`load_user_splits` also gives its ``test`` split). For user data,
     ``num_examples`` (if given) draws that many records with ``seed``, kept in file order.
 
     Raises ``ValueError`` for an unknown source, a malformed record (naming the file, line and field) or
@@ -39,11 +43,26 @@ def load_examples(source: str, num_examples: int | None = None, seed: int = 0) -
         if num_examples is None:
             raise ValueError("source='tasks' generates examples: pass num_examples")
         return generate_task_suite(num_examples, seed)
+    examples, _ = load_user_splits(source)
+    if num_examples is None:
+        return examples
+    if num_examples > len(examples):
+        raise ValueError(
+            f"num_examples={num_examples} is more than the {len(examples)} examples in source={source!r}"
+        )
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), num_examples))
+    return [examples[i] for i in chosen]
+
+
+def load_user_splits(source: str) -> tuple[list[Example], list[Example] | None]:
+    """User data at ``source`` as ``(records, held-out records)``: a ``save_to_disk`` ``DatasetDict`` gives
+    its ``train`` split and its ``test`` split (``None`` without one); a single dataset or a ``.jsonl`` file
+    gives all its records and ``None`` (the caller holds some of them out). Errors as :func:`load_examples`."""
     path = Path(source)
     if path.is_dir():
-        examples = _load_saved_dataset(path)
+        examples, held_out = _load_saved_dataset(path)
     elif path.is_file() and path.suffix == ".jsonl":
-        examples = _load_jsonl(path)
+        examples, held_out = _load_jsonl(path), None
     elif path.exists():
         raise ValueError(f"unsupported source={source!r}: expected a .jsonl file or a save_to_disk directory")
     else:
@@ -53,14 +72,9 @@ def load_examples(source: str, num_examples: int | None = None, seed: int = 0) -
         )
     if not examples:
         raise ValueError(f"source={source!r} holds no examples")
-    if num_examples is None:
-        return examples
-    if num_examples > len(examples):
-        raise ValueError(
-            f"num_examples={num_examples} is more than the {len(examples)} examples in source={source!r}"
-        )
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), num_examples))
-    return [examples[i] for i in chosen]
+    if held_out == []:
+        raise ValueError(f"source={source!r}: its 'test' split holds no examples")
+    return examples, held_out
 
 
 def _example(record: Mapping[str, Any], where: str) -> Example:
@@ -104,17 +118,30 @@ def _load_jsonl(path: Path) -> list[Example]:
     return examples
 
 
-def _load_saved_dataset(path: Path) -> list[Example]:
+def _load_saved_dataset(path: Path) -> tuple[list[Example], list[Example] | None]:
+    """A ``save_to_disk`` directory's records: a ``DatasetDict``'s ``train`` and ``test`` splits (other splits
+    are left out, and the log says so), or a single dataset's records and ``None``."""
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
         raise ValueError(f"directory {path} is not a dataset saved with save_to_disk: {err}") from err
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ValueError(f"dataset at {path} has splits {list(loaded)} but no 'train' split")
-        loaded = loaded["train"]
+    except Exception as err:  # noqa: BLE001 - datasets' own failures (an empty split: IndexError), named here
+        raise ValueError(f"directory {path}: datasets cannot load it ({type(err).__name__}: {err})") from err
+    if not isinstance(loaded, datasets.DatasetDict):
+        return _dataset_examples(loaded, str(path)), None
+    if "train" not in loaded:
+        raise ValueError(f"dataset at {path} has splits {list(loaded)} but no 'train' split")
+    unused = [name for name in loaded if name not in ("train", "test")]
+    if unused:
+        log.info("dataset at %s: reading its 'train' and 'test' splits only, not %s", path, unused)
+    test = _dataset_examples(loaded["test"], f"{path}, split 'test'") if "test" in loaded else None
+    return _dataset_examples(loaded["train"], f"{path}, split 'train'"), test
+
+
+def _dataset_examples(loaded: Any, path: str) -> list[Example]:
+    """Every row of one ``datasets.Dataset`` as an Example (``path`` names it in errors)."""
     for column in _REQUIRED:
         if column not in loaded.column_names:
             raise ValueError(f"dataset at {path}: missing column {column!r} (columns: {loaded.column_names})")

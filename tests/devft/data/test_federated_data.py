@@ -99,3 +99,49 @@ def test_user_data_holds_out_distinct_examples_and_says_when_training_falls_shor
     assert "leaves 20 training examples besides the 4 held out" in caplog.text and "num_train=30" in caplog.text
     with pytest.raises(ValueError, match="has 8 distinct .* not enough for num_test=9"):
         build_federated_data(DataSettings(source=str(path), num_train=30, num_test=9, num_clients=2))
+
+
+def _save_splits(path: Path, **splits: list[dict[str, str]]) -> str:
+    import datasets
+
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(path))
+    return str(path)
+
+
+def test_a_saved_test_split_is_the_held_out_set_and_never_trained_on(tmp_path: Path, caplog) -> None:
+    train = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(30)]
+    test = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(10)]
+    test += [test[0], dict(train[3])]  # a repeat inside the test split, and a pair the train split has too
+    source = _save_splits(tmp_path / "dd", train=train, test=test, validation=train[:2])
+    settings = DataSettings(source=source, num_train=100, num_test=11, num_clients=3, partition="iid", seed=2)
+    with caplog.at_level("INFO"):
+        data = build_federated_data(settings)
+    trained = [e for p in data.partitions for e in p]
+    assert _keys(data.test) == _keys(test) and len(data.test) == 11  # the 11 distinct pairs of the test split
+    assert _keys(trained) == _keys(train) - {("Echo 3.", "")} and len(trained) == 29
+    assert "1 records of the 'train' split repeat an (instruction, input) pair of the 11 held-out" in caplog.text
+    assert "reading its 'train' and 'test' splits only, not ['validation']" in caplog.text
+    assert data == build_federated_data(settings)
+    some = build_federated_data(DataSettings(source=source, num_train=100, num_test=4, num_clients=3, seed=2))
+    assert len(some.test) == 4 and _keys(some.test) <= _keys(test)
+    assert len([e for p in some.partitions for e in p]) == 30 - (("Echo 3.", "") in _keys(some.test))
+
+
+def test_a_saved_test_split_too_small_or_empty_is_named(tmp_path: Path, monkeypatch) -> None:
+    rows = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(5)]
+    source = _save_splits(tmp_path / "dd", train=rows, test=rows[:2])
+    with pytest.raises(ValueError, match=r"the 'test' split of source=.* has 2 distinct .* not enough for num_test=3"):
+        build_federated_data(DataSettings(source=source, num_train=5, num_test=3, num_clients=1))
+    import datasets
+
+    empty = datasets.Dataset.from_list(rows).select([])
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": empty}).save_to_disk(str(tmp_path / "e"))
+    with pytest.raises(ValueError, match=r"/e: datasets cannot load it \(IndexError"):  # datasets' bug, named
+        build_federated_data(DataSettings(source=str(tmp_path / "e"), num_train=5, num_test=1, num_clients=1))
+    only_test = _save_splits(tmp_path / "t", train=rows[:2], test=rows[:2])
+    with pytest.raises(ValueError, match="leaves no training examples besides the 2 held out"):
+        build_federated_data(DataSettings(source=only_test, num_train=2, num_test=2, num_clients=1))
+    monkeypatch.setattr("devft.data.sources._load_saved_dataset", lambda path: (rows, []))
+    with pytest.raises(ValueError, match="its 'test' split holds no examples"):
+        build_federated_data(DataSettings(source=source, num_train=5, num_test=1, num_clients=1))
