@@ -244,6 +244,7 @@ class DevFTStrategy(Strategy):
         self.state: RunState | None = None
         self._round = _RoundLog()
         self._extra_train_config: dict[str, Any] = {}
+        self._warned_eval_tokens = False
 
     # ------------------------------------------------------------------ Flower strategy hooks
 
@@ -505,7 +506,13 @@ class DevFTStrategy(Strategy):
                             server_round, loss, n)
         if not rows:
             return {}, 0
-        weights = [t for *_, t in rows] if all(t is not None for *_, t in rows) else [n for n, *_ in rows]
+        untold = sum(t is None for *_, t in rows)
+        if untold and not self._warned_eval_tokens:  # clients of an older devft, or another ClientApp
+            self._warned_eval_tokens = True
+            log.warning("round %d: %d of %d evaluation replies carry no valid eval-tokens: their mean eval loss is "
+                        "weighted by examples, not pooled per response token as the server's (said once a run)",
+                        server_round, untold, len(rows))
+        weights = [n for n, *_ in rows] if untold else [t for *_, t in rows]
         means = {"eval-loss": sum(w * x for w, (_, x, _, _) in zip(weights, rows)) / sum(weights)}
         if all(a is not None for _, _, a, _ in rows):
             examples = sum(n for n, *_ in rows)

@@ -1144,3 +1144,18 @@ def test_fedsa_resume_finds_the_clients_b_and_ends_where_an_uninterrupted_run_en
         full_b, resumed_b = (load_file(str(personal_dir(k, pid) / "personal-r000002.safetensors")) for k in keys)
         assert all(torch.equal(full_b[k], resumed_b[k]) for k in full_b)
     assert rows(tmp_path / "full")[-1]["eval_loss"] == rows(tmp_path / "killed")[-1]["eval_loss"]
+
+
+def test_evaluation_replies_without_token_counts_are_weighted_by_examples_and_said_once(
+        smoke_config, private_env, tmp_path, caplog):
+    strategy, sub, by_pid = _strategy_in_round_one(smoke_config, tmp_path)
+    told = [_reply_with(by_pid[p], {}, {"eval-loss": loss, "num-examples": n, "eval-tokens": t})
+            for p, (loss, n, t) in enumerate([(1.0, 10, 90), (2.0, 30, 10)])]
+    means, counted = strategy._mean_eval(1, told)
+    assert counted == 2 and means["eval-loss"] == pytest.approx((90 * 1.0 + 10 * 2.0) / 100)  # pooled per token
+    untold = told[:1] + [_reply_with(by_pid[1], {}, {"eval-loss": 2.0, "num-examples": 30})]
+    with caplog.at_level("WARNING"):
+        for round_ in (2, 3):
+            means, _ = strategy._mean_eval(round_, untold)
+            assert means["eval-loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)  # by examples
+    assert caplog.text.count("carry no valid eval-tokens") == 1 and "round 2: 1 of 2 evaluation replies" in caplog.text

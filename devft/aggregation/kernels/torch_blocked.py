@@ -249,8 +249,9 @@ def _sq_norms(groups: list[Group], clients: int, device: torch.device, block_byt
             for start in pieces:
                 parts[(g, start)] = torch.zeros(clients, dtype=torch.float64)
 
-            def measure(start: int, g: int = g, centre: torch.Tensor | None = centre, pieces=pieces) -> None:
-                native.sq_norms(parts[(g, start)], *pieces[start], group.dtype, centre)
+            def measure(start: int, g: int = g, centre: torch.Tensor | None = centre, pieces=pieces,
+                        dtype: torch.dtype = group.dtype) -> None:
+                native.sq_norms(parts[(g, start)], *pieces[start], dtype, centre)
 
             _map_blocks(list(pieces), measure, threads, device)
             continue
