@@ -500,7 +500,8 @@ class DevFTStrategy(Strategy):
             tokens = metrics.get("eval-tokens")
             if isinstance(loss, float) and isinstance(n, int | float) and 0 < n <= MAX_EXAMPLES and math.isfinite(loss):
                 rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None,
-                             float(tokens) if isinstance(tokens, int) and 0 < tokens <= MAX_EXAMPLES else None))
+                             float(tokens) if isinstance(tokens, int) and not isinstance(tokens, bool)
+                             and 0 < tokens <= MAX_EXAMPLES else None))
             else:
                 log.warning("round %d: an evaluation reply with eval-loss=%r and num-examples=%r left out",
                             server_round, loss, n)
@@ -509,9 +510,9 @@ class DevFTStrategy(Strategy):
         untold = sum(t is None for *_, t in rows)
         if untold and not self._warned_eval_tokens:  # clients of an older devft, or another ClientApp
             self._warned_eval_tokens = True
-            log.warning("round %d: %d of %d evaluation replies carry no valid eval-tokens: their mean eval loss is "
-                        "weighted by examples, not pooled per response token as the server's (said once a run)",
-                        server_round, untold, len(rows))
+            log.warning("round %d: %d of %d evaluation replies carry no valid eval-tokens: a round with such a reply "
+                        "weights every reply's eval loss by its examples, instead of pooling per response token as "
+                        "the server's own loss does (said once a run)", server_round, untold, len(rows))
         weights = [n for n, *_ in rows] if untold else [t for *_, t in rows]
         means = {"eval-loss": sum(w * x for w, (_, x, _, _) in zip(weights, rows)) / sum(weights)}
         if all(a is not None for _, _, a, _ in rows):

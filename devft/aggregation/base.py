@@ -317,7 +317,9 @@ class AggregationRule:
     def update_norms(self, state: ServerState, sources: Sequence[Any]) -> list[float]:
         """``‖x_k − o_k‖₂`` of each reply over its uploaded tensors: how far each client moved from
         :meth:`update_origin` (one pass over the replies)."""
-        return distances(sources, self.update_origin(state, sources[0])) if sources else []
+        if not sources:
+            return []
+        return distances(sources, self.update_origin(state, sources[0]), backend=self.backend, threads=self.threads)
 
     def scale_update(self, state: ServerState, source: Any, factor: float) -> dict[str, torch.Tensor]:
         """The reply with its update scaled by ``factor`` (``o + factor · (x − o)``), as new tensors."""

@@ -37,14 +37,15 @@ if TYPE_CHECKING:  # base.py imports this module
     from devft.aggregation.base import AggregationRule, ServerState
 
 
-def distances(updates: Sequence[Any], origin: Mapping[str, torch.Tensor]) -> list[float]:
+def distances(updates: Sequence[Any], origin: Mapping[str, torch.Tensor], backend: str = "auto",
+              threads: int | None = None) -> list[float]:
     """``‖x_k − o‖₂`` of each update over every key of ``origin`` together, in one pass over the replies
     (the fused kernels' staging; float32 norms per 4 MiB block summed in float64, good to a few 1e-6
     relative; a block whose float32 norm overflows is redone in float64; ``inf`` where a difference
     itself overflows float32)."""
     if not updates:
         return []
-    return client_sq_norms(updates, keys=list(origin), origin=origin).sqrt().tolist()
+    return client_sq_norms(updates, keys=list(origin), origin=origin, backend=backend, threads=threads).sqrt().tolist()
 
 
 def moved_towards(source: Any, origins: Mapping[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:

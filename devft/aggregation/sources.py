@@ -233,6 +233,9 @@ class RecordSource:
         self._record: dict[str, Any] = dict(record.items())
         self._layouts: dict[str, NpyLayout] = {}
         self._c_copies: dict[str, np.ndarray] = {}  # C-order copies of Fortran-order arrays (rare)
+        # the bytes objects whose addresses were handed out: an ``Array`` whose ``.data`` builds new bytes on
+        # every read would otherwise free them before a kernel reads them
+        self._addressed: dict[str, Any] = {}
 
     def keys(self) -> list[str]:
         return list(self._record.keys())
@@ -284,11 +287,12 @@ class RecordSource:
         append = out.append
         get = self._record.get
         by_id = _ID_ADDRESS_OK and not views
+        addressed = self._addressed
         for key, lay in zip(keys, layouts):
             arr = get(key)
             if arr is None:
                 raise InvalidUpdateError("missing", client=client, key=key)
-            data = arr.data
+            data = addressed[key] = arr.data
             # the hot loop (once per array of every client): a header identity check, then where it is
             if lay.header and type(data) is bytes and len(data) == lay.end and data.startswith(lay.header) \
                     and arr.stype == NPY_STYPE:

@@ -134,7 +134,8 @@ class SVD(AggregationRule):
         out = [0.0] * len(sources)
         for rank in sorted(set(ranks), key=str):
             chosen = [i for i, r in enumerate(ranks) if r == rank]
-            norms = distances([sources[i] for i in chosen], self.update_origin(state, sources[chosen[0]]))
+            norms = distances([sources[i] for i in chosen], self.update_origin(state, sources[chosen[0]]),
+                              backend=self.backend, threads=self.threads)
             for i, norm in zip(chosen, norms):
                 out[i] = norm
         return out

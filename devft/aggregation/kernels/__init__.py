@@ -195,11 +195,13 @@ def weighted_sum(
 
 
 def client_sq_norms(updates: Sequence[Any], keys: Sequence[str] | None = None,
-                    origin: Mapping[str, torch.Tensor] | None = None, backend: str = "auto") -> torch.Tensor:
+                    origin: Mapping[str, torch.Tensor] | None = None, backend: str = "auto",
+                    threads: int | None = None) -> torch.Tensor:
     """``‖x_k‖²`` of each client over all ``keys`` (fp64, one pass; what norm clipping needs first), or
     ``‖x_k − o‖²`` with ``origin`` ``{key: o}`` (what norm bounding needs: how far each client moved).
-    ``backend``: ``native`` or ``torch`` loops (``auto``: ``native`` for CPU data where it compiles)."""
+    ``backend``: ``native`` loops for CPU data (``auto`` where they compile), the torch backend's otherwise;
+    ``threads`` as for :func:`weighted_sum_many`."""
     updates = as_sources(updates)
     chosen = resolve_backend(backend, _first_device(updates)) if updates else "torch"
     native = native_kernels() if chosen == "native" else None
-    return client_sq_norms_torch(updates, keys, origin=origin, native=native)
+    return client_sq_norms_torch(updates, keys, origin=origin, native=native, threads=threads)

@@ -142,9 +142,10 @@ def unavailable_reason() -> str | None:
 def _load_once() -> NativeKernels | None:
     try:
         return load(cache_root() / "kernels")
-    except NativeUnavailableError as err:
-        _unavailable.append(str(err))
-        log.warning("native aggregation kernels unavailable (%s); aggregating with the torch backend", err)
+    except Exception as err:  # noqa: BLE001 - whatever fails here, `auto` sums with the torch backend instead
+        reason = str(err) if isinstance(err, NativeUnavailableError) else f"{type(err).__name__}: {err}"
+        _unavailable.append(reason)
+        log.warning("native aggregation kernels unavailable (%s); aggregating with the torch backend", reason)
         return None
 
 
@@ -163,61 +164,131 @@ def compiler() -> list[str]:
     raise NativeUnavailableError("no C compiler found: install one (e.g. gcc) or set CC")
 
 
-def load(folder: Path) -> NativeKernels:
-    """Build (if not cached in ``folder``), load and check the kernels; raises :class:`NativeUnavailableError`."""
-    cc = compiler()
-    source = SOURCE.read_bytes()
+def library_path(folder: Path, cc: list[str]) -> Path:
+    """Where the build of :data:`SOURCE` by ``cc`` goes in ``folder``: named by a hash of the source, the
+    compiler command and flags, the compiler's version and the machine."""
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeUnavailableError(f"C compiler {shlex.join(cc)!r} does not run: {err}") from err
-    key = hashlib.sha256(b"\0".join([source, shlex.join([*cc, *CFLAGS]).encode(), version,
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), shlex.join([*cc, *CFLAGS]).encode(), version,
                                      platform.machine().encode()])).hexdigest()[:16]
-    path = folder / f"native_wsum-{key}.so"
-    if not path.exists():
-        path = _compile(cc, path)
+    return folder / f"native_wsum-{key}.so"
+
+
+def load(folder: Path) -> NativeKernels:
+    """The kernels, built into ``folder`` unless an intact build is there (:func:`_intact`), loaded and
+    checked; raises :class:`NativeUnavailableError`. A cached build that does not load is built again."""
+    cc = compiler()
+    path = library_path(folder, cc)
+    for candidate in (path, _fallback_folder() / path.name):
+        if _intact(candidate):
+            try:
+                return _open(candidate)
+            except _LoadError as err:
+                log.warning("%s; building it again", err)
+    return _open(_compile(cc, path))
+
+
+class _LoadError(NativeUnavailableError):
+    """The dynamic loader refused the file (nothing of it was loaded, so a new build may be loaded)."""
+
+
+def _open(path: Path) -> NativeKernels:
     try:
         kernels = NativeKernels(ctypes.CDLL(str(path)), path)
     except (OSError, AttributeError) as err:
-        raise NativeUnavailableError(f"{path} does not load: {err}") from err
+        raise _LoadError(f"{path} does not load: {err}") from err
     _check(kernels)
     return kernels
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a whole build: its SHA-256 is the one written beside it when it was built (a file
+    cut short, by a crash while it was written, would crash the process that maps it)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == _digest_path(path).read_text().strip()
+    except OSError:
+        return False
+
+
+def _fallback_folder() -> Path:
+    """Where builds go when the cache folder cannot be written: one folder per user in the temporary folder."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"devft-kernels-{user}"
+
+
 def _compile(cc: list[str], path: Path) -> Path:
-    """Compile :data:`SOURCE` to ``path`` through a temporary file renamed into place (concurrent builders
-    each rename a whole library); where ``path``'s folder cannot be written, into a temporary folder.
-    Returns where the library is."""
+    """Compile :data:`SOURCE` to ``path`` (or, where its folder cannot be written, to the same name in
+    :func:`_fallback_folder`), with its digest beside it; returns where the library is.
+
+    The library is written to a temporary file, made readable by everyone (a cache may be shared), synced
+    to disk and renamed into place, then its digest the same way: a reader sees a whole build or none, and
+    concurrent builders each rename whole files."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        log.warning("cannot write %s (%s); compiling the native kernels into a temporary folder", path.parent, err)
-        path = Path(tempfile.mkdtemp(prefix="devft-native-")) / path.name
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fallback = _fallback_folder()
+        log.warning("cannot write %s (%s); building the native kernels in %s", path.parent, err, fallback)
+        path = fallback / path.name
+        try:
+            fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=fallback)
+        except OSError as err2:
+            raise NativeUnavailableError(f"cannot write {path.parent} either: {err2}") from err2
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=COMPILE_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as err:
+        try:
+            done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed: {err}") from err
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()[:3]
+            raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed "
+                                         f"(exit {done.returncode}): {' | '.join(detail)}")
+        os.chmod(tmp, 0o755)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        _sync(tmp)
+        os.replace(tmp, path)
+        _write_synced(_digest_path(path), digest + "\n")
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed: {err}") from err
-    if done.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        detail = (done.stderr or done.stdout).strip().splitlines()[:3]
-        raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed "
-                                     f"(exit {done.returncode}): {' | '.join(detail)}")
-    os.replace(tmp, path)
     log.info("compiled the native aggregation kernels into %s", path)
     return path
 
 
+def _sync(name: str | Path) -> None:
+    with open(name, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_synced(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _check(kernels: NativeKernels) -> None:
-    """Both entry points of both dtypes against numpy, on runs that exercise every remainder of four clients."""
+    """Both entry points of both dtypes against numpy, on runs that exercise every remainder of four clients,
+    with a NaN in the last client's first run (a compiler told to assume finite math would lose it)."""
     rng = np.random.default_rng(0)
     for dtype, np_dtype in _CTYPES.items():
         for clients in (1, 2, 3, 4, 7):
             runs = [rng.standard_normal((clients, n)).astype(np_dtype) for n in (37, 0, 5)]
+            runs[0][clients - 1, 5] = np.nan
             weights = rng.standard_normal(clients).astype(np_dtype)
             table = np.array([[r[k].ctypes.data for k in range(clients)] for r in runs], dtype=np.int64)
             lengths = np.array([r.shape[1] for r in runs], dtype=np.int64)
@@ -230,7 +301,8 @@ def _check(kernels: NativeKernels) -> None:
             kernels.sq_norms(acc, table, lengths, offsets, dtype, centre, tile_bytes=16 * out.element_size())
             stacked = np.concatenate(runs, axis=1).astype(np.float64)
             want_sq = ((stacked - centre.numpy().astype(np.float64)) ** 2).sum(axis=1)
-            if not (np.allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
-                    and np.allclose(acc.numpy(), want_sq, rtol=1e-6)):
-                raise NativeUnavailableError(f"{kernels.path} gives wrong sums ({dtype}, {clients} clients); "
-                                             "delete it to rebuild, or set CC to another compiler")
+            if not (np.allclose(out.numpy(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+                    and np.allclose(acc.numpy(), want_sq, rtol=1e-6, equal_nan=True)
+                    and np.isnan(out.numpy()).sum() == 1 and np.isnan(acc.numpy()).sum() == 1):
+                raise NativeUnavailableError(f"{kernels.path} gives wrong sums ({dtype}, {clients} clients): its "
+                                             "compiler builds it wrongly; set CC to another compiler")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
+import pytest
 import torch
+
+# the native backend is built with the machine's C compiler: without one, its cases are skipped, saying why
+HAS_C_COMPILER = bool(os.environ.get("CC")) or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+needs_c_compiler = pytest.mark.skipif(not HAS_C_COMPILER, reason="no C compiler: the native backend cannot be built")
+NATIVE = pytest.param("native", marks=needs_c_compiler)
 
 # (d_in, d_out) of the seven adapted projections of a SmolLM2-135M layer
 SMOLLM2_MODULES = {

@@ -4,7 +4,7 @@ they are built and cached, and what happens where they cannot be."""
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aggregation_cases import CASES, TOLERANCES, independent, make_updates, mixed_dtype_updates, weights_for
+from aggregation_cases import (
+    CASES,
+    HAS_C_COMPILER,
+    TOLERANCES,
+    independent,
+    make_updates,
+    mixed_dtype_updates,
+    weights_for,
+)
 from flwr.app import Array, ArrayRecord
 
 import devft.aggregation.kernels as kernels
@@ -24,7 +32,7 @@ from devft.aggregation.kernels.torch_blocked import client_sq_norms_torch, weigh
 REPO = Path(__file__).resolve().parents[3]
 NATIVE_DTYPES = [t for t in TOLERANCES if t[0] in (torch.float32, torch.float64)]
 
-if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+if not HAS_C_COMPILER:
     pytest.skip("no C compiler on this machine: the native backend cannot be built", allow_module_level=True)
 
 
@@ -152,7 +160,32 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(tmp_path, monk
     assert first.path.parent == tmp_path and first.path.name.startswith("native_wsum-")
     monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled again"))
     assert native.load(tmp_path).path == first.path
-    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left behind
+    # the library and its digest, readable by everyone (a shared cache); no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name, first.path.name + ".sha256"]
+    assert os.stat(first.path).st_mode & 0o777 == 0o755
+    assert os.stat(first.path.with_name(first.path.name + ".sha256")).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no digest", "not a library"])
+def test_a_damaged_cached_library_is_built_again_not_loaded(damage, tmp_path, caplog):
+    cc = native.compiler()
+    built = native._compile(cc, native.library_path(tmp_path, cc))  # not loaded: this process maps no damage
+    digest = built.with_name(built.name + ".sha256")
+    if damage == "truncated":  # what a crash while writing leaves: mapping it would kill the process (SIGBUS)
+        built.write_bytes(built.read_bytes()[:12000])
+    elif damage == "no digest":
+        digest.unlink()
+    else:  # a file whose digest matches but that the loader refuses
+        built.write_bytes(b"not an ELF file")
+        digest.write_text(native.hashlib.sha256(b"not an ELF file").hexdigest())
+    with caplog.at_level(logging.WARNING):
+        again = native.load(tmp_path)
+    assert again.path == built and native._intact(built)
+    assert ("does not load" in caplog.text) == (damage == "not a library")
+    out = torch.empty(2, dtype=torch.float32)
+    x = np.array([1.0, 2.0], dtype=np.float32)
+    again.wsum(out, np.array([[x.ctypes.data]], dtype=np.int64), np.array([2]), np.array([0]), [3.0])
+    assert out.tolist() == [3.0, 6.0]
 
 
 def test_another_compiler_command_builds_another_library(tmp_path, monkeypatch):
@@ -161,13 +194,17 @@ def test_another_compiler_command_builds_another_library(tmp_path, monkeypatch):
     assert native.load(tmp_path).path != default
 
 
-def test_a_folder_that_cannot_be_written_builds_into_a_temporary_one(tmp_path, caplog):
+def test_a_folder_that_cannot_be_written_builds_once_into_a_folder_per_user(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     with caplog.at_level(logging.WARNING):
         lib = native.load(blocked / "kernels")
-    assert lib.path.exists() and not lib.path.is_relative_to(blocked)
-    assert "compiling the native kernels into a temporary folder" in caplog.text
+    assert lib.path.parent == native._fallback_folder() and lib.path.parent.is_relative_to(tmp_path / "tmp")
+    assert "cannot write" in caplog.text
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert native.load(blocked / "kernels").path == lib.path  # the next process finds it there
 
 
 @pytest.mark.parametrize(("cc", "message"), [
@@ -182,7 +219,7 @@ def test_a_compiler_that_fails_is_named_with_its_message(cc, message, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-def test_a_library_that_sums_wrongly_is_refused():
+def test_a_library_that_sums_wrongly_or_loses_a_nan_is_refused():
     class Wrong:
         path = Path("wrong.so")
 
@@ -194,6 +231,32 @@ def test_a_library_that_sums_wrongly_is_refused():
 
     with pytest.raises(native.NativeUnavailableError, match="wrong.so gives wrong sums"):
         native._check(Wrong())
+    real = native.native_kernels()
+
+    class FiniteMath:  # right sums, but NaN dropped (what -ffast-math in CC could give)
+        path = Path("fast-math.so")
+
+        def wsum(self, out, *args, **kwargs):
+            real.wsum(out, *args, **kwargs)
+            torch.nan_to_num_(out, nan=0.0)
+
+        def sq_norms(self, acc, *args, **kwargs):
+            real.sq_norms(acc, *args, **kwargs)
+            torch.nan_to_num_(acc, nan=0.0)
+
+    with pytest.raises(native.NativeUnavailableError, match="fast-math.so gives wrong sums"):
+        native._check(FiniteMath())
+    native._check(real)
+
+
+def test_tiny_values_keep_their_squares():
+    lib = native.native_kernels()
+    for scale in (1e-25, 1e-20, 1e20):  # squares below fp32's smallest number, near it, and beyond fp32's range
+        x = np.full(3000, scale, dtype=np.float32)
+        acc = torch.zeros(1, dtype=torch.float64)
+        lib.sq_norms(acc, np.array([[x.ctypes.data]], dtype=np.int64), np.array([3000]), np.array([0]),
+                     torch.float32)
+        assert float(acc[0]) == pytest.approx(3000 * float(np.float32(scale)) ** 2, rel=1e-6), scale
 
 
 @pytest.fixture
@@ -219,6 +282,34 @@ def test_without_a_compiler_auto_takes_torch_and_says_why_once(fresh_native, mon
     assert "native" not in kernels.available_backends()
     with pytest.raises(RuntimeError, match=r"backend='native' is unavailable here: C compiler '/nonexistent/cc'"):
         weighted_sum_many(updates, [1.0, 1.0, 1.0], backend="native")
+
+
+def test_a_missing_source_file_leaves_auto_on_the_torch_backend(fresh_native, monkeypatch, caplog):
+    monkeypatch.setattr(native, "SOURCE", Path("/nonexistent/native_wsum.c"))
+    with caplog.at_level(logging.WARNING):
+        out = weighted_sum_many(make_updates(2, [(3,)], torch.float32), [1.0, 1.0])
+    assert out["t0"].shape == (3,) and "native aggregation kernels unavailable (FileNotFoundError" in caplog.text
+
+
+def test_a_rules_backend_and_threads_reach_its_norm_bounding(kernels_spy, monkeypatch):
+    from devft.aggregation import get_rule
+    from devft.aggregation.norm_bound import bound_updates
+
+    _, calls = kernels_spy
+    updates = make_updates(3, [(4, 6), (6, 4)], torch.float32, seed=1)
+    seen = []
+    real = kernels.client_sq_norms
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("backend"), kwargs.get("threads")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("devft.aggregation.norm_bound.client_sq_norms", spy)
+    for backend, native_calls in (("torch", 0), ("native", 1)):
+        rule = get_rule("fedit", alpha=8.0, backend=backend, threads=2)
+        state = rule.init_state({k: torch.zeros_like(v) for k, v in updates[0].items()})
+        bound_updates(rule, state, updates, max_norm=1.0)
+        assert calls["sq_norms"] == native_calls and seen[-1] == (backend, 2)
 
 
 def test_native_refuses_data_that_is_not_on_the_cpu():

@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from aggregation_cases import SMALL_MODULES, lora_key, random_lora
+from aggregation_cases import NATIVE, SMALL_MODULES, lora_key, random_lora
 from flwr.app import ArrayRecord
 
 from devft.aggregation import (
@@ -321,7 +321,7 @@ def test_records_and_tensors_give_the_same_state(name, start):
         torch.testing.assert_close(a.base_delta[module].materialize(), b.base_delta[module].materialize())
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", NATIVE])
 @pytest.mark.parametrize("name", ["fedit", "fedsa"])
 def test_threads_spread_the_sum_without_changing_a_bit(name, backend, monkeypatch):
     from devft.aggregation.kernels import torch_blocked
