@@ -500,8 +500,7 @@ class DevFTStrategy(Strategy):
             tokens = metrics.get("eval-tokens")
             if isinstance(loss, float) and isinstance(n, int | float) and 0 < n <= MAX_EXAMPLES and math.isfinite(loss):
                 rows.append((float(n), loss, acc if isinstance(acc, float) and 0.0 <= acc <= 1.0 else None,
-                             float(tokens) if isinstance(tokens, int) and not isinstance(tokens, bool)
-                             and 0 < tokens <= MAX_EXAMPLES else None))
+                             float(tokens) if isinstance(tokens, int) and 0 < tokens <= MAX_EXAMPLES else None))
             else:
                 log.warning("round %d: an evaluation reply with eval-loss=%r and num-examples=%r left out",
                             server_round, loss, n)

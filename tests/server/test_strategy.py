@@ -1153,7 +1153,7 @@ def test_evaluation_replies_without_token_counts_are_weighted_by_examples_and_sa
             for p, (loss, n, t) in enumerate([(1.0, 10, 90), (2.0, 30, 10)])]
     means, counted = strategy._mean_eval(1, told)
     assert counted == 2 and means["eval-loss"] == pytest.approx((90 * 1.0 + 10 * 2.0) / 100)  # pooled per token
-    untold = told[:1] + [_reply_with(by_pid[1], {}, {"eval-loss": 2.0, "num-examples": 30, "eval-tokens": True})]
+    untold = told[:1] + [_reply_with(by_pid[1], {}, {"eval-loss": 2.0, "num-examples": 30})]
     with caplog.at_level("WARNING"):
         for round_ in (2, 3):
             means, _ = strategy._mean_eval(round_, untold)
