@@ -18,7 +18,8 @@ clients send by default). In one run, per case, interleaved repeats time:
   header checks, NaN/Inf check and output serialisation included): devft's server path, with the backend
   ``auto`` picks (``ours_backend``: ``native`` where a C compiler is found, else ``torch``);
 - ``ours_torch``: the same call with the torch backend (``backend="torch"``), for the ratio
-  ``native_vs_torch = ours_torch_s / ours_s`` and ``torch_bandwidth_fraction``;
+  ``native_vs_torch = ours_torch_s / ours_s`` and ``torch_bandwidth_fraction``; it runs right before or
+  right after ``ours``, in turn;
 - ``ours_arrays``: the same function on the one-array-per-tensor payload;
 - ``copy``: a plain copy of a contiguous buffer as large as all clients' payloads (capped at 1 GiB;
   bandwidth does not depend on size past the caches), the fastest of torch's ``copy_`` (same number of
@@ -200,9 +201,11 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     for rep in range(repeats):
         for name, copy in copies.items():
             run(name, copy)
-        run("ours", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads))
+        pair = [("ours", None), ("ours_torch", "torch")]  # the A/B of auto's backend and torch's, in turn first
+        for name, backend in pair if rep % 2 == 0 else pair[::-1]:
+            run(name, lambda backend=backend: aggregate_arrayrecords(packed, counts, threads=agg_threads,
+                                                                     **({"backend": backend} if backend else {})))
         run("ours_arrays", lambda: aggregate_arrayrecords(records, counts, threads=agg_threads))
-        run("ours_torch", lambda: aggregate_arrayrecords(packed, counts, threads=agg_threads, backend="torch"))
         run("gather", gather)
         run("norms", norms)
         if rep < flower_repeats:

@@ -6,7 +6,7 @@
 # - ``torch``: blocks of all clients staged side by side, one gemv per block, or long runs accumulated in
 #   place (:mod:`.torch_blocked`); any device.
 # - ``native``: the torch backend's plan with C inner loops for fp32/fp64 CPU data, compiled on first use
-#   with the machine's C compiler (:mod:`.native`); reads four client streams per pass, about twice the
+#   with the machine's C compiler (:mod:`.native`); reads four client streams per pass, up to 1.7× the
 #   torch backend's rate on long runs. Half precision in the same call takes the torch backend's loops.
 # - ``triton``: one kernel launch over a pointer table of every client's tensors (:mod:`.triton_wsum`); CUDA
 #   tensors, or CPU tensors under Triton's interpreter. Needs ``pip install devft[triton]``.

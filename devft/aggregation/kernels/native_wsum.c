@@ -9,10 +9,10 @@
  *
  * Memory bandwidth is the limit. Every input element is read once; the output is produced one cache-sized
  * tile at a time, and the clients are taken four at a time, so each pass over a tile reads four input
- * streams at once. (One torch add_ per client reads one stream, and measured at about half of a copy's
- * rate: docs/benchmarks.md.) Sums accumulate in the element type, fp32 or fp64, as the torch backend's do;
- * squares in short stretches of the element type, summed in fp64 (see DEFINE_SQNORMS). No fast-math: NaN
- * and Inf propagate, so the caller's finite check sees them.
+ * streams at once. (One torch add_ per client reads one stream: about half of a copy's rate on the
+ * development VM, docs/benchmarks.md, session 12.) Sums accumulate in the element type, fp32 or fp64, as
+ * the torch backend's do; squares in short stretches of the element type, summed in fp64 (see
+ * DEFINE_SQNORMS). No fast-math: NaN and Inf propagate, so the caller's finite check sees them.
  */
 #include <math.h>
 #include <stddef.h>
