@@ -1,5 +1,5 @@
-"""The ``native`` backend's inner loops: ``native_wsum.c``, compiled on first use with the machine's C compiler
-and called through ctypes.
+"""The ``native`` backend's inner loops: the C source in :mod:`.native_source`, compiled on first use with the
+machine's C compiler and called through ctypes.
 
 Why C: the torch backend sums long runs (packed payloads, large tensors) with one in-place ``add_`` per
 client, which reads one input stream at a time; on the 2-core development VM that loop read about 5 GB/s,
@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from devft.aggregation._plan import Group
+from devft.aggregation.kernels.native_source import C_SOURCE
 from devft.cache import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native_wsum.c")
+SOURCE_NAME = "native_wsum.c"  # what the compiler and its messages call the source
 CFLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
 COMPILE_TIMEOUT_S = 120
 DEFAULT_TILE_BYTES = 256 << 10  # output tile per pass of four clients (measured best of 16 KiB .. 1 MiB)
@@ -166,13 +167,13 @@ def compiler() -> list[str]:
 
 
 def library_path(folder: Path, cc: list[str]) -> Path:
-    """Where the build of :data:`SOURCE` by ``cc`` goes in ``folder``: named by a hash of the source, the
+    """Where the build of :data:`C_SOURCE` by ``cc`` goes in ``folder``: named by a hash of the source, the
     compiler command and flags, the compiler's version and the machine."""
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeUnavailableError(f"C compiler {shlex.join(cc)!r} does not run: {err}") from err
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), shlex.join([*cc, *CFLAGS]).encode(), version,
+    key = hashlib.sha256(b"\0".join([C_SOURCE.encode(), shlex.join([*cc, *CFLAGS]).encode(), version,
                                      platform.machine().encode()])).hexdigest()[:16]
     return folder / f"native_wsum-{key}.so"
 
@@ -224,7 +225,7 @@ def _fallback_folder() -> Path:
 
 
 def _compile(cc: list[str], path: Path) -> Path:
-    """Compile :data:`SOURCE` to ``path`` (or, where its folder cannot be written, to the same name in
+    """Compile :data:`C_SOURCE` to ``path`` (or, where its folder cannot be written, to the same name in
     :func:`_fallback_folder`), with its digest beside it; returns where the library is.
 
     The library is written to a temporary file, made readable by everyone (a cache may be shared), synced
@@ -243,15 +244,17 @@ def _compile(cc: list[str], path: Path) -> Path:
         except OSError as err2:
             raise NativeUnavailableError(f"cannot write {path.parent} either: {err2}") from err2
     os.close(fd)
+    source = Path(tmp).with_name(Path(tmp).name.removesuffix(".tmp") + "-" + SOURCE_NAME)
     try:
+        source.write_text(C_SOURCE)
         try:
-            done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
                                   timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:
-            raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed: {err}") from err
+            raise NativeUnavailableError(f"compiling {SOURCE_NAME} with {shlex.join(cc)!r} failed: {err}") from err
         if done.returncode != 0:
             detail = (done.stderr or done.stdout).strip().splitlines()[:3]
-            raise NativeUnavailableError(f"compiling {SOURCE.name} with {shlex.join(cc)!r} failed "
+            raise NativeUnavailableError(f"compiling {SOURCE_NAME} with {shlex.join(cc)!r} failed "
                                          f"(exit {done.returncode}): {' | '.join(detail)}")
         os.chmod(tmp, 0o755)
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
@@ -260,6 +263,7 @@ def _compile(cc: list[str], path: Path) -> Path:
         _write_synced(_digest_path(path), digest + "\n")
     finally:
         Path(tmp).unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
     log.info("compiled the native aggregation kernels into %s", path)
     return path
 

@@ -1,4 +1,12 @@
-/* The inner loops of devft's native CPU aggregation backend (loaded by native.py, which compiles this file
+"""The C source of the ``native`` backend's inner loops, as a Python string (:mod:`.native` compiles it).
+
+A string, not a ``.c`` file beside this one: a Flower app bundle (what ``flwr run`` ships to the SuperLink and
+every SuperNode) carries only ``.py``, ``.toml``, ``.md``, ``.yaml`` and ``.json`` files, and its built-in
+patterns cannot be widened, so a ``.c`` file would be missing wherever a deployment runs and those processes
+would sum with the torch backend, to other rounding than ``devft simulate``.
+"""
+
+C_SOURCE = r"""/* The inner loops of devft's native CPU aggregation backend (loaded by native.py, which compiles this file
  * with the machine's C compiler on first use; native.py's docstring says why and how).
  *
  * The data is a list of runs: run r is len[r] elements that lie back to back in every client's buffer and
@@ -116,3 +124,4 @@ DEFINE_WSUM(float, devft_wsum_f32)
 DEFINE_WSUM(double, devft_wsum_f64)
 DEFINE_SQNORMS(float, float, 16, 1e-30, devft_sqnorms_f32)
 DEFINE_SQNORMS(double, double, 8, 0.0, devft_sqnorms_f64)
+"""
