@@ -482,11 +482,13 @@ class DevFTStrategy(Strategy):
         self._round.client_eval = {"client_eval_loss": means["eval-loss"], "client_eval_clients": count}
         return MetricRecord({"client-eval-loss": means["eval-loss"]})
 
-    def _mean_eval(self, server_round: int, replies: Iterable[Message]) -> tuple[dict[str, float], int]:
+    def _mean_eval(self, server_round: int, replies: Iterable[Message],
+                   same_set: bool = False) -> tuple[dict[str, float], int]:
         """Means of ``eval-loss`` (and of ``eval-accuracy`` when every counted reply has one) over the replies
         (counting their bytes), and how many replies were counted. The loss is weighted by response tokens
         when every counted reply says how many (``eval-tokens``: the pooled loss of their sets, as the server's
-        own is), else by examples; accuracy by examples."""
+        own is), else by examples; accuracy by examples. ``same_set``: every client evaluated the same set
+        (the held-out one), so weighting by examples is weighting by tokens, and no count is missed."""
         rows: list[tuple[float, float, float | None, float | None]] = []  # (examples, loss, accuracy, tokens)
         for reply in replies:
             size = wire_bytes(reply)
@@ -507,7 +509,7 @@ class DevFTStrategy(Strategy):
         if not rows:
             return {}, 0
         untold = sum(t is None for *_, t in rows)
-        if untold and not self._warned_eval_tokens:  # clients of an older devft, or another ClientApp
+        if untold and not same_set and not self._warned_eval_tokens:  # clients of an older devft, or another ClientApp
             self._warned_eval_tokens = True
             log.warning("round %d: %d of %d evaluation replies carry no valid eval-tokens: a round with such a reply "
                         "weights every reply's eval loss by its examples, instead of pooling per response token as "
@@ -682,7 +684,8 @@ class DevFTStrategy(Strategy):
             shared = self.rule.downlink(ServerState(lora=full_view))  # Ā only
             messages = self._evaluate_messages(server_round, _to_record(shared, self.fed), evaluate_config,
                                                split="test", plan=plan if identity else self.model.full_plan(plan.stage))
-            means, count = self._mean_eval(server_round, grid.send_and_receive(messages, timeout=timeout))
+            means, count = self._mean_eval(server_round, grid.send_and_receive(messages, timeout=timeout),
+                                           same_set=True)
             loss = means.get("eval-loss")
             # the clients' personalised submodels are not evaluated separately (that would double their eval)
             evaluation.update(eval_loss=loss, eval_accuracy=means.get("eval-accuracy"),

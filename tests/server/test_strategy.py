@@ -1155,6 +1155,8 @@ def test_evaluation_replies_without_token_counts_are_weighted_by_examples_and_sa
     assert counted == 2 and means["eval-loss"] == pytest.approx((90 * 1.0 + 10 * 2.0) / 100)  # pooled per token
     untold = told[:1] + [_reply_with(by_pid[1], {}, {"eval-loss": 2.0, "num-examples": 30})]
     with caplog.at_level("WARNING"):
+        strategy._mean_eval(2, untold, same_set=True)  # the held-out set, evaluated by all: examples are tokens
+        assert "eval-tokens" not in caplog.text
         for round_ in (2, 3):
             means, _ = strategy._mean_eval(round_, untold)
             assert means["eval-loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)  # by examples
