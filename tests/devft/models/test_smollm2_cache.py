@@ -28,6 +28,10 @@ def _fake_conversion(monkeypatch: pytest.MonkeyPatch, log: Path, seconds: float)
     monkeypatch.setattr(smollm2, "_convert", convert)
 
 
+def _entry() -> str:
+    return f"smollm2-135m-{smollm2.GGUF_SHA256[:12]}"
+
+
 def _load(results: multiprocessing.Queue) -> None:
     try:
         target = smollm2.smollm2_dir()
@@ -49,18 +53,18 @@ def test_processes_starting_together_convert_once(tmp_path, monkeypatch):
     for p in procs:
         p.join(timeout=60)
     assert [o[0] for o in outcomes] == ["ok"] * 3, outcomes
-    assert {o[1] for o in outcomes} == {str(tmp_path / "cache" / "models" / "smollm2-135m")}
+    assert {o[1] for o in outcomes} == {str(tmp_path / "cache" / "models" / _entry())}
     assert {o[2] for o in outcomes} == {"weights"}
     assert len(log.read_text().splitlines()) == 1  # one process converted, the others waited for it
     leftovers = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
-    assert leftovers == ["smollm2-135m", "smollm2-135m.lock"]  # no staging directory left behind
+    assert leftovers == [_entry(), f"{_entry()}.lock"]  # no staging directory left behind
 
 
 def test_a_converted_entry_is_reused_and_a_torn_one_is_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
     log = tmp_path / "conversions.txt"
     _fake_conversion(monkeypatch, log, seconds=0.0)
-    torn = tmp_path / "cache" / "models" / "smollm2-135m"
+    torn = tmp_path / "cache" / "models" / _entry()
     torn.mkdir(parents=True)
     (torn / "config.json").write_text("{")  # an interrupted conversion: no done marker
     target = smollm2.smollm2_dir()
@@ -68,6 +72,34 @@ def test_a_converted_entry_is_reused_and_a_torn_one_is_replaced(tmp_path, monkey
     assert (target / "model.safetensors").read_text() == "weights"
     assert smollm2.smollm2_dir() == target
     assert len(log.read_text().splitlines()) == 1
+
+
+def test_an_entry_converted_before_the_pin_is_not_taken_for_the_pinned_model(tmp_path, monkeypatch, caplog):
+    """Caches of devft before the GGUF pin kept the conversion in models/smollm2-135m, from whatever file
+    the wheel then held: it is left alone, and the pinned file is converted beside it."""
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    log = tmp_path / "conversions.txt"
+    _fake_conversion(monkeypatch, log, seconds=0.0)
+    legacy = tmp_path / "cache" / "models" / "smollm2-135m"
+    legacy.mkdir(parents=True)
+    (legacy / "devft-converted").write_text("converted\n")
+    (legacy / "model.safetensors").write_text("unpinned weights")
+    with caplog.at_level("WARNING"):
+        target = smollm2.smollm2_dir()
+    assert target.name == _entry() and (target / "model.safetensors").read_text() == "weights"
+    assert (legacy / "model.safetensors").read_text() == "unpinned weights"  # not deleted: maybe in use
+    assert "converted before devft pinned its GGUF" in caplog.text and str(legacy) in caplog.text
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_the_entry_is_named_after_the_pinned_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    _fake_conversion(monkeypatch, tmp_path / "conversions.txt", seconds=0.0)
+    first = smollm2.smollm2_dir()
+    monkeypatch.setattr(smollm2, "GGUF_SHA256", "0123456789ab" + "0" * 52)  # another pin: another entry
+    second = smollm2.smollm2_dir()
+    assert first.name == f"smollm2-135m-{'b179c9523d0e'}" and second.name == "smollm2-135m-0123456789ab"
+    assert len((tmp_path / "conversions.txt").read_text().splitlines()) == 2
 
 
 def _fake_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, installed: bytes | None, wheel: bytes) -> list:
