@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from devft.aggregation import AggregationRule, check_compatible, get_rule
+from devft.aggregation import AggregationRule, check_compatible, get_rule, server_threads
 from devft.config import RunConfig
 from devft.growth import SIMILARITY_MODES, GrowthSettings, StageSchedule, make_schedule
 
@@ -34,7 +34,7 @@ def method_rule(config: RunConfig) -> AggregationRule:
         check_compatible(name, method)
     except ValueError as err:
         raise ValueError(f"federation.aggregation={name!r} with federation.method={method!r}: {err}") from err
-    rule = get_rule(name, alpha=config.lora.alpha, threads=config.federation.aggregation_threads)
+    rule = get_rule(name, alpha=config.lora.alpha, threads=server_threads(config.federation.aggregation_threads))
     if rule.changes_base and config.model.dtype != "float32":
         raise ValueError(
             f"federation.aggregation={name!r} with model.dtype={config.model.dtype!r}: {name!r} folds every round's "

@@ -51,6 +51,7 @@ from devft.aggregation import (
     wire_record,
 )
 from devft.aggregation.client_side import frozen_parts, lora_digest
+from devft.aggregation.kernels import resolve_backend
 from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
 from devft.growth import GrowthPlan
@@ -846,6 +847,9 @@ class DevFTStrategy(Strategy):
             "method": self.fed.method,
             "aggregation": self.fed.aggregation,
             "eval_kind": self._eval_kind(),
+            # what summed the rounds (aggregate_s in the rows): the backend auto chose here and the thread count
+            "server_aggregation": {"backend": resolve_backend(self.rule.backend, torch.device("cpu")),
+                                   "threads": self.rule.threads},
             "model": self.config.model.name,
             "seed": self.fed.seed,
             "config": config_to_dict(self.config),

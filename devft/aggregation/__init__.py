@@ -20,6 +20,7 @@ from devft.aggregation.errors import (
     UnsupportedArrayError,
 )
 from devft.aggregation.kernels import available_backends, client_sq_norms, weighted_sum, weighted_sum_many
+from devft.aggregation.kernels.torch_blocked import server_threads
 from devft.aggregation.packed import WIRE_FORMATS, is_packed, pack_arrayrecord, packed_nbytes, wire_record
 from devft.aggregation.records import (
     aggregate_arrayrecords,
@@ -55,6 +56,7 @@ __all__ = [
     "lora_part",
     "normalized_weights",
     "pack_arrayrecord",
+    "server_threads",
     "packed_nbytes",
     "npy_nbytes",
     "payload_nbytes",

@@ -131,15 +131,17 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
 
 def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_repeats: int,
                    agg_threads: int | None = None) -> dict[str, float]:
+    """One case; ``agg_threads`` as ``federation.aggregation_threads`` (None or 0: the server's default)."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
-    from devft.aggregation import aggregate_arrayrecords, get_rule, record_tensors
+    from devft.aggregation import aggregate_arrayrecords, get_rule, record_tensors, server_threads
     from devft.aggregation.kernels import resolve_backend
     from devft.aggregation.norm_bound import bound_updates
     from devft.aggregation.packed import MANIFEST_KEY
 
     clients = len(records)
+    agg_threads = server_threads(agg_threads or 0)
     nbytes = sum(len(a.data) for a in packed[0].values()) * clients
     counts = [100 + 7 * c for c in range(clients)]
     replies = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})}) for r, n in zip(records, counts)]
@@ -175,7 +177,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
 
     gather()
     # norm bounding (federation.max_update_norm*): each client's distance from the global LoRA it received
-    rule = get_rule("fedit", alpha=16.0)
+    rule = get_rule("fedit", alpha=16.0, threads=agg_threads)
     state = rule.init_state({k: 0.5 * v for k, v in record_tensors(records[0]).items()})
 
     def norms() -> object:
@@ -223,7 +225,7 @@ def bench_cpu_case(records: list, packed: list, rank: int, repeats: int, flower_
     copy_bps = copy_elems * 4 / med["copy"]
     ours_bps = nbytes / med["ours"]
     return {
-        "clients": clients, "rank": rank, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
+        "clients": clients, "rank": rank, "agg_threads": agg_threads, "mb_per_client": nbytes / clients / 1e6, "total_gb": nbytes / 1e9,
         "flower_s": med["flower"], "flower_packed_s": med["flower_packed"], "ours_arrays_s": med["ours_arrays"],
         "ours_s": med["ours"], "ours_backend": resolve_backend("auto", torch.device("cpu")),
         "ours_torch_s": med["ours_torch"], "native_vs_torch": med["ours_torch"] / med["ours"],
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower-repeats", type=int, default=3, help="timed repeats of Flower's (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--agg-threads", type=int, default=None,
-                        help="threads of devft's weighted sum (federation.aggregation_threads; default 1)")
+                        help="threads of devft's weighted sum (federation.aggregation_threads; default: as the server, one per CPU, at most 4)")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (smoke runs)")
     parser.add_argument("--device", default=None, help="device for the Triton section (default: cuda if present)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
@@ -279,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from devft.aggregation import server_threads
+
+    agg_threads = server_threads(args.agg_threads or 0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from devft.aggregation.kernels import triton_available
 
     run_device = triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, python {sys.version.split()[0]}, "
-          f"loadavg at start {os.getloadavg()[0]:.2f}", flush=True)
+          f"aggregation threads {agg_threads}, loadavg at start {os.getloadavg()[0]:.2f}", flush=True)
     if device.type == "cuda":
         print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
     rows: list[dict] = []
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as fh:
                 json.dump(rows, fh, indent=1)
 
-    keys = ["clients", "rank", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
+    keys = ["clients", "rank", "agg_threads", "mb_per_client", "total_gb", "flower_s", "flower_packed_s", "ours_arrays_s",
             "ours_s", "ours_backend", "ours_torch_s", "native_vs_torch", "torch_bandwidth_fraction", "norms_s",
             "norms_vs_ours", "ours_gbps", "copy_gbps", "copy_method", "torch_copy_gbps",
             "memmove_gbps", "numpy_copyto_gbps", "gather_gbps", "max_rel_diff_vs_flower", "cpu_speedup",
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.gpu_only:
                 records, packed = build_records(shapes, clients)
                 row = bench_cpu_case(records, packed, rank, args.repeats, min(args.flower_repeats, args.repeats),
-                                     args.agg_threads)
+                                     agg_threads)
                 rows.append({"kind": "cpu", **row})
                 print(fmt(row, keys), flush=True)
                 del records, packed

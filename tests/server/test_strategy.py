@@ -82,6 +82,11 @@ def test_devft_run_writes_the_run_directory(devft_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "devft" and summary["seed"] == 0 and summary["rounds"] == 4
     assert summary["totals"]["bytes_up"] == sum(r["bytes_up"] for r in table)
+    from devft.aggregation import server_threads
+    from devft.aggregation.kernels import native_kernels
+
+    assert summary["server_aggregation"] == {"backend": "native" if native_kernels() is not None else "torch",
+                                             "threads": server_threads(0)}
     assert summary["final"]["eval_loss"] == table[-1]["eval_loss"]
     assert summary["config"]["federation"]["num_rounds"] == 4
     stage0 = json.loads((out / "stages" / "stage-0.json").read_text())
@@ -921,12 +926,26 @@ def test_rule_method_pairs_the_app_does_not_run_are_refused(smoke_config, privat
 
 
 def test_aggregation_threads_reach_the_rule_and_bad_values_are_refused(smoke_config, private_env):
+    import os
+
+    from devft.aggregation import server_threads
     from server.methods import method_rule
 
     assert method_rule(smoke_config(federation__aggregation_threads=3)).threads == 3
-    assert method_rule(smoke_config()).threads == 1
-    with pytest.raises(ValueError, match=r"federation.aggregation_threads must be >= 1, got aggregation_threads=0"):
-        smoke_config(federation__aggregation_threads=0)
+    assert method_rule(smoke_config(federation__aggregation_threads=1)).threads == 1
+    usable = len(os.sched_getaffinity(0))
+    assert method_rule(smoke_config()).threads == min(usable, 4) == server_threads(0)  # 0, the default: per CPU
+    with pytest.raises(ValueError, match=r"federation.aggregation_threads must be >= 0 .*aggregation_threads=-1"):
+        smoke_config(federation__aggregation_threads=-1)
+
+
+def test_the_servers_default_thread_count_follows_the_cpus_it_may_use(monkeypatch):
+    from devft.aggregation.kernels import torch_blocked
+
+    for cpus, expected in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(torch_blocked.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert torch_blocked.server_threads(0) == expected
+        assert torch_blocked.server_threads(5) == 5  # asked for: taken as it is
 
 
 @pytest.mark.parametrize("rule,method", [("flora", "fedit"), ("ffa", "devft"), ("svd", "fedit"), ("fedex", "fedit")])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,14 +58,33 @@ NATIVE_NORM_PART = 1 << 20  # elements per part of the native norms, whichever t
 
 
 def default_threads() -> int:
-    """Threads for the blocked sum when none is asked for: one.
+    """Threads of a library call that asks for none (DBLF fusion, a rule built without ``threads``): one.
 
-    Measured on the 2-core development machine shared with other jobs (docs/benchmarks.md): 32 clients of
-    SmolLM2 r=8 LoRA took 125 ms with one thread and 151 ms with two (median of 9, interleaved). Several
-    threads overlap the copies of different blocks and should pay on an idle many-core server: set
-    ``federation.aggregation_threads`` there after measuring (``bench_aggregation.py --agg-threads``).
+    Such calls may run in several client processes at once (a simulation's clients share the machine), so
+    they take one thread each. The server's sum takes :func:`server_threads` instead.
     """
     return 1
+
+
+SERVER_THREADS_CAP = 4
+"""The most threads ``federation.aggregation_threads = 0`` takes. Two were measured (the 2-vCPU development
+VM, docs/benchmarks.md); beyond four is unmeasured: a server with more memory channels may gain from more,
+set ``federation.aggregation_threads`` there after ``bench_aggregation.py --agg-threads N``."""
+
+
+def server_threads(requested: int = 0) -> int:
+    """The server's weighted-sum threads: ``requested`` if >= 1, else one per CPU this process may use, at
+    most :data:`SERVER_THREADS_CAP`.
+
+    The server sums while its clients wait for the next round, so the machine's cores are free then. On the
+    2-vCPU development VM two threads summed 32 clients' SmolLM2 LoRA 1.4-1.7x faster than one
+    (docs/benchmarks.md, session 13). Any count gives the same bits: each output element is summed in the
+    same order whichever thread sums it, and norms are summed over fixed parts.
+    """
+    if requested >= 1:
+        return requested
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, SERVER_THREADS_CAP))
 
 
 def _blocks(group: Group, length: int) -> list[tuple[int, int, list[Segment]]]:
