@@ -16,7 +16,8 @@ clients send by default). In one run, per case, interleaved repeats time:
   what packing alone gives Flower;
 - ``ours``: ``devft.aggregation.aggregate_arrayrecords`` on the packed payload (records in, record out;
   header checks, NaN/Inf check and output serialisation included): devft's server path, with the backend
-  ``auto`` picks (``ours_backend``: ``native`` where a C compiler is found, else ``torch``);
+  ``auto`` picks (``ours_backend``: ``native`` where a C compiler is found, else ``torch``) on the server's
+  default thread count (one per CPU, at most four; ``--agg-threads N`` sets it, ``agg_threads`` says it);
 - ``ours_torch``: the same call with the torch backend (``backend="torch"``), for the ratio
   ``native_vs_torch = ours_torch_s / ours_s`` and ``torch_bandwidth_fraction``; it runs right before or
   right after ``ours``, in turn;
