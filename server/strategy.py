@@ -100,10 +100,12 @@ def number(row: Mapping[str, Any], key: str) -> float:
 
 
 RESUME_MAY_CHANGE = frozenset(
-    {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
+    {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval",
+     "federation.aggregation_threads"}
 )
 """Config keys a resumed run may change (they do not change what is trained; ``client_eval`` adds evaluation
-messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``)."""
+messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``; any
+``aggregation_threads`` sums to the same bits, and runs from before its default became 0 saved 1)."""
 
 
 @dataclass
@@ -847,9 +849,7 @@ class DevFTStrategy(Strategy):
             "method": self.fed.method,
             "aggregation": self.fed.aggregation,
             "eval_kind": self._eval_kind(),
-            # what summed the rounds (aggregate_s in the rows): the backend auto chose here and the thread count
-            "server_aggregation": {"backend": resolve_backend(self.rule.backend, torch.device("cpu")),
-                                   "threads": self.rule.threads},
+            "server_aggregation": self._aggregation_kernel(),
             "model": self.config.model.name,
             "seed": self.fed.seed,
             "config": config_to_dict(self.config),
@@ -881,6 +881,15 @@ class DevFTStrategy(Strategy):
             "to_target": reached,
             "adapter": str(self.run_dir.adapter),
         }
+
+    def _aggregation_kernel(self) -> dict[str, Any]:
+        """What summed the rounds (``aggregate_s`` in the rows): the backend and the thread count. The native C
+        loops take fp32 and fp64 data only, so half-precision payloads (``federation.wire_dtype``) are summed by
+        the torch loops even where ``auto`` resolves to native."""
+        backend = resolve_backend(self.rule.backend, torch.device("cpu"))
+        if backend == "native" and self.fed.wire_dtype != "float32":
+            backend = "torch"
+        return {"backend": backend, "threads": self.rule.threads}
 
     def _label(self) -> str:
         g = self.config.growth

@@ -52,13 +52,17 @@ def smollm2_dir() -> Path:
     read its result. A complete entry is never replaced, so a reader never sees it vanish.
 
     The entry is named after the GGUF's digest (``smollm2-135m-<sha256[:12]>``): an entry converted from
-    another file (a cache from before the pin, or a future pin) is never taken for this one."""
+    another file (a cache from before the pin, or a future pin) is never taken for this one. The un-named
+    entry of earlier devft versions (``smollm2-135m``) is used where its marker names the pinned digest, and
+    passed over, with a warning, where it does not."""
     models = cache_root() / "models"
     target = models / f"{_ENTRY_PREFIX}-{GGUF_SHA256[:12]}"
     if (target / _DONE_MARKER).exists():
         return target
     legacy = models / _ENTRY_PREFIX
     if (legacy / _DONE_MARKER).exists():
+        if _converted_from_pin(legacy):
+            return legacy
         log.warning("%s holds SmolLM2 converted before devft pinned its GGUF; not using it (converting "
                     "%s's into %s; delete the old folder to free its space)", legacy, GGUF_SHA256[:12], target.name)
     with _conversion_lock(target):
@@ -69,7 +73,7 @@ def smollm2_dir() -> Path:
             staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
             try:
                 _convert(gguf_path, staging)
-                (staging / _DONE_MARKER).write_text(f"converted from {GGUF_MEMBER} (sha256 {GGUF_SHA256})\n")
+                (staging / _DONE_MARKER).write_text(_marker_text(GGUF_SHA256))
                 if target.exists():  # a half-written directory from an interrupted run: replace it
                     shutil.rmtree(target)
                 os.replace(staging, target)
@@ -77,6 +81,18 @@ def smollm2_dir() -> Path:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _marker_text(digest: str) -> str:
+    return f"converted from {GGUF_MEMBER} (sha256 {digest})\n"
+
+
+def _converted_from_pin(entry: Path) -> bool:
+    """Whether ``entry``'s done marker names the pinned GGUF's digest (earlier versions wrote the same line)."""
+    try:
+        return f"(sha256 {GGUF_SHA256})" in (entry / _DONE_MARKER).read_text()
+    except OSError:
+        return False
 
 
 @contextmanager

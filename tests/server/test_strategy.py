@@ -131,7 +131,10 @@ def test_adapter_loads_with_peft_and_matches_the_checkpoint(devft_run):
 
 
 def test_resume_after_interruption_is_bitwise_identical(devft_run, run_inprocess, tmp_path):
+    """Also across aggregation thread counts: the interrupted run sums on one thread (as every run did before
+    the default became one per CPU), the uninterrupted one and the resumed part on the default."""
     config, full, _ = devft_run
+    one_thread = dataclasses.replace(config, federation=dataclasses.replace(config.federation, aggregation_threads=1))
 
     class Killed(Exception):
         pass
@@ -141,7 +144,7 @@ def test_resume_after_interruption_is_bitwise_identical(devft_run, run_inprocess
             raise Killed
 
     with pytest.raises(Killed):
-        run_inprocess(config, tmp_path / "killed", on_round=[kill_after_round_3])
+        run_inprocess(one_thread, tmp_path / "killed", on_round=[kill_after_round_3])
     assert not (tmp_path / "killed" / "summary.json").exists()
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as fh:  # a row written after the last checkpoint
         fh.write(json.dumps({"round": 4, "stale": True}) + "\n")
@@ -937,6 +940,34 @@ def test_aggregation_threads_reach_the_rule_and_bad_values_are_refused(smoke_con
     assert method_rule(smoke_config()).threads == min(usable, 4) == server_threads(0)  # 0, the default: per CPU
     with pytest.raises(ValueError, match=r"federation.aggregation_threads must be >= 0 .*aggregation_threads=-1"):
         smoke_config(federation__aggregation_threads=-1)
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_the_summary_names_the_loops_that_summed_the_rounds(wire_dtype, smoke_config, run_inprocess, tmp_path,
+                                                            monkeypatch):
+    """The C loops take fp32 payloads; half-precision ones are summed by the torch loops, and the summary
+    says which ran. (Native sums that fuse layers, DBLF on the server or the clients, are not the rounds'.)"""
+    import traceback
+
+    from devft.aggregation.kernels import native_kernels
+
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("no native kernels here (no C compiler): the torch loops sum everything")
+    round_sums = []
+    original = kernels.wsum
+
+    def spy(*args, **kwargs):
+        if not any("growth/fusion.py" in frame.filename for frame in traceback.extract_stack()):
+            round_sums.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "wsum", spy)
+    config = smoke_config(federation__method="fedit", federation__num_rounds=1, federation__wire_dtype=wire_dtype)
+    run_inprocess(config, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert bool(round_sums) == (wire_dtype == "float32"), round_sums
+    assert summary["server_aggregation"]["backend"] == ("native" if round_sums else "torch")
 
 
 def test_the_servers_default_thread_count_follows_the_cpus_it_may_use(monkeypatch):

@@ -92,6 +92,22 @@ def test_an_entry_converted_before_the_pin_is_not_taken_for_the_pinned_model(tmp
     assert len(log.read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("digest,used", [("pinned", True), ("other", False)])
+def test_an_unnamed_entry_whose_marker_names_the_pinned_digest_is_used(tmp_path, monkeypatch, digest, used):
+    """devft versions between the pin and digest-named entries wrote the digest into models/smollm2-135m's
+    marker: that entry is the pinned model (a machine without PyPI keeps loading it); another digest is not."""
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    log = tmp_path / "conversions.txt"
+    _fake_conversion(monkeypatch, log, seconds=0.0)
+    legacy = tmp_path / "cache" / "models" / "smollm2-135m"
+    legacy.mkdir(parents=True)
+    named = smollm2.GGUF_SHA256 if digest == "pinned" else "f" * 64
+    (legacy / "devft-converted").write_text(f"converted from {smollm2.GGUF_MEMBER} (sha256 {named})\n")
+    target = smollm2.smollm2_dir()
+    assert (target == legacy) is used
+    assert log.exists() is not used  # converted only when the old entry was not the pinned model
+
+
 def test_the_entry_is_named_after_the_pinned_digest(tmp_path, monkeypatch):
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
     _fake_conversion(monkeypatch, tmp_path / "conversions.txt", seconds=0.0)
