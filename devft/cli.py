@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 from pathlib import Path
@@ -109,6 +110,7 @@ def _central_references(runs: list[tuple[str, int | None, object]], out: Path, r
     """``devft train`` with the federated budget on the first config of the comparison, once per seed, into
     ``out/central`` (``out/central/seed-S``); with ``reuse``, a finished one of the same config is kept."""
     from devft.central import run_central
+    from server.strategy import SAME_BITS_KEYS
 
     done = []
     first = runs[0][0]
@@ -116,7 +118,7 @@ def _central_references(runs: list[tuple[str, int | None, object]], out: Path, r
         if name != first:
             continue
         central_dir = out / "central" if seed is None else out / "central" / f"seed-{seed}"
-        if reuse and (central_dir / "central.json").exists() and _ran_with(central_dir, config):
+        if reuse and (central_dir / "central.json").exists() and _ran_with(central_dir, config, SAME_BITS_KEYS):
             print(f"reusing {central_dir}")
         else:
             print(f"training the centralised reference in {central_dir}")
@@ -129,8 +131,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from devft.reports import write_comparison, write_seed_comparison
     from server.launch import simulate, stop_on_interrupt
     from server.run_dir import RunDirectory
-    from server.strategy import RESUME_MAY_CHANGE, RunStopped
+    from server.strategy import RESUME_MAY_CHANGE, SAME_BITS_KEYS, RunStopped
 
+    if not (math.isfinite(args.target_eval_loss) and args.target_eval_loss >= 0):
+        raise ValueError(f"--target-eval-loss must be a loss > 0 (or 0: the configs' own target), got "
+                         f"{args.target_eval_loss!r}")
     out = Path(args.out)
     runs = _seeded_configs(args)
     run_dirs: dict[str, dict[int | None, Path]] = {}
@@ -142,7 +147,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             directory = RunDirectory(run_dir)
             finished = directory.summary.exists()
             if args.reuse and finished:
-                if not _ran_with(run_dir, config):
+                if not _ran_with(run_dir, config, SAME_BITS_KEYS):
                     raise ValueError(f"--reuse: {run_dir} was run with another config than {label} with these "
                                      "--set overrides; drop --reuse to run it again, or use another --out")
                 print(f"reusing {run_dir}")

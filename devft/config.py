@@ -280,6 +280,9 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = raw.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise ValueError(f"config file {str(path)!r}: extends must be a file name (a string), got {parent!r}")
+    if parent and not (path.parent / parent).is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} extends {parent!r}, which is no file (looked for "
+                                f"{(path.parent / parent).absolute()}; extends is relative to the extending file)")
     values = _read_toml(path.parent / parent, (*seen, path.resolve())) if parent else {}
     own: dict[str, Any] = {}
     for key, value in flatten(raw).items():  # max-steps and max_steps are one key: normalised before merging
@@ -291,14 +294,25 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """``["lora.r=16", "data.alpha=0.3"]`` → mapping; refuses items without ``=``."""
+    """``["lora.r=16", "data.alpha=0.3"]`` → mapping; refuses items without ``=``. A value in matching quotes
+    is a TOML string (``model.name="tiny-llama"``, as Flower's ``--run-config`` writes it): the quotes go."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = _unquoted(value.strip(), key.strip())
     return out
+
+
+def _unquoted(value: str, key: str) -> str:
+    if len(value) < 2 or value[0] != value[-1] or value[0] not in "'\"":
+        return value
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"--set {key}={value}: not a valid quoted string ({err})") from None
+    return parsed
 
 
 def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:

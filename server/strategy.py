@@ -99,13 +99,15 @@ def number(row: Mapping[str, Any], key: str) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-RESUME_MAY_CHANGE = frozenset(
-    {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval",
-     "federation.aggregation_threads"}
+SAME_BITS_KEYS = frozenset({"federation.aggregation_threads"})
+"""Config keys that change no result, only timings: any ``aggregation_threads`` sums to the same bits (tested),
+and runs from before its default became 0 saved 1. A finished run differing only in these is reused as is."""
+
+RESUME_MAY_CHANGE = SAME_BITS_KEYS | frozenset(
+    {"federation.reply_timeout_s", "federation.client_cpus", "federation.client_gpus", "federation.client_eval"}
 )
 """Config keys a resumed run may change (they do not change what is trained; ``client_eval`` adds evaluation
-messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``; any
-``aggregation_threads`` sums to the same bits, and runs from before its default became 0 saved 1)."""
+messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``)."""
 
 
 @dataclass

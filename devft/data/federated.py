@@ -110,13 +110,13 @@ def _user_split(settings: DataSettings) -> tuple[list[Example], list[Example]]:
     if held_out is None:
         if len(records) <= settings.num_test:
             raise ValueError(
-                f"source={settings.source!r} has {len(records)} examples: not enough for num_test="
+                f"data.source={settings.source!r} has {len(records)} examples: not enough for num_test="
                 f"{settings.num_test} held-out examples plus training"
             )
-        test = _distinct_prefix(records, settings.num_test, f"source={settings.source!r}")
+        test = _distinct_prefix(records, settings.num_test, f"data.source={settings.source!r}")
     else:
         test = _distinct_prefix(_shuffled(held_out, settings.seed), settings.num_test,
-                                f"the 'test' split of source={settings.source!r}")
+                                f"the 'test' split of data.source={settings.source!r}")
     test_keys = {_key(e) for e in test}
     train = [e for e in records if _key(e) not in test_keys]
     if held_out is not None and len(train) < len(records):
@@ -124,7 +124,7 @@ def _user_split(settings: DataSettings) -> tuple[list[Example], list[Example]]:
                     "held-out ones and are left out of training", settings.source, len(records) - len(train),
                     len(test))
     if not train:
-        raise ValueError(f"source={settings.source!r} leaves no training examples besides the {len(test)} held out")
+        raise ValueError(f"data.source={settings.source!r} leaves no training examples besides the {len(test)} held out")
     if len(train) < settings.num_train:
         log.warning("source=%r leaves %d training examples besides the %d held out (repeats of a held-out "
                     "pair are left out too): fewer than num_train=%d", settings.source, len(train),

@@ -48,7 +48,7 @@ def load_examples(source: str, num_examples: int | None = None, seed: int = 0) -
         return examples
     if num_examples > len(examples):
         raise ValueError(
-            f"num_examples={num_examples} is more than the {len(examples)} examples in source={source!r}"
+            f"num_examples={num_examples} is more than the {len(examples)} examples in data.source={source!r}"
         )
     chosen = sorted(random.Random(seed).sample(range(len(examples)), num_examples))
     return [examples[i] for i in chosen]
@@ -58,22 +58,22 @@ def load_user_splits(source: str) -> tuple[list[Example], list[Example] | None]:
     """User data at ``source`` as ``(records, held-out records)``: a ``save_to_disk`` ``DatasetDict`` gives
     its ``train`` split and its ``test`` split (``None`` without one); a single dataset or a ``.jsonl`` file
     gives all its records and ``None`` (the caller holds some of them out). Errors as :func:`load_examples`."""
-    path = Path(source)
+    path = Path(source).expanduser()  # ~/data.jsonl is a path, as the shell would read it
     if path.is_dir():
         examples, held_out = _load_saved_dataset(path)
     elif path.is_file() and path.suffix == ".jsonl":
         examples, held_out = _load_jsonl(path), None
     elif path.exists():
-        raise ValueError(f"unsupported source={source!r}: expected a .jsonl file or a save_to_disk directory")
+        raise ValueError(f"unsupported data.source={source!r}: expected a .jsonl file or a save_to_disk directory")
     else:
         raise ValueError(
-            f"unknown source={source!r}: not 'tasks' and no such file or directory "
-            "(expected 'tasks', a .jsonl file, or a directory saved with datasets' save_to_disk)"
+            f"unknown data.source={source!r}: not 'tasks' and no such file or directory (looked for "
+            f"{path.absolute()}; expected 'tasks', a .jsonl file, or a directory saved with datasets' save_to_disk)"
         )
     if not examples:
-        raise ValueError(f"source={source!r} holds no examples")
+        raise ValueError(f"data.source={source!r} holds no examples")
     if held_out == []:
-        raise ValueError(f"source={source!r}: its 'test' split holds no examples")
+        raise ValueError(f"data.source={source!r}: its 'test' split holds no examples")
     return examples, held_out
 
 

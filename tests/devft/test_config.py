@@ -97,6 +97,25 @@ def test_extends_must_name_a_file_and_a_config_must_be_one(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_config(tmp_path)
+    child = tmp_path / "variants" / "child.toml"
+    child.parent.mkdir()
+    child.write_text('extends = "nothere.toml"\n[lora]\nr = 2\n')
+    with pytest.raises(FileNotFoundError, match=r"child.toml' extends 'nothere.toml', which is no file \(looked for "
+                                                r"/.*variants/nothere.toml"):
+        load_config(child)
+
+
+def test_a_quoted_set_value_is_a_toml_string_as_flower_writes_it():
+    overrides = parse_overrides(['federation.method="fedit"', "model.name='tiny-llama'", 'data.source=""',
+                                 'data.families="add,sort_numbers"', 'train.lr=0.01', 'eval.batch_size="4"'])
+    assert overrides["federation.method"] == "fedit" and overrides["model.name"] == "tiny-llama"
+    assert overrides["data.source"] == ""
+    config = config_from_flat({k: v for k, v in overrides.items() if k != "data.source"})
+    assert config.federation.method == "fedit" and config.model.name == "tiny-llama"
+    assert config.data.families == ("add", "sort_numbers") and config.eval.batch_size == 4
+    with pytest.raises(ValueError, match=r"--set model.name=\"a\"b\": not a valid quoted string"):
+        parse_overrides(['model.name="a"b"'])
+    assert parse_overrides(['model.name="unbalanced']) == {"model.name": '"unbalanced'}  # not quoted: as typed
 
 
 def test_the_flwr_run_config_file_keeps_any_string_and_number():

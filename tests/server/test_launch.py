@@ -123,6 +123,16 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(smoke_config, privat
     assert target.read_text() == "mine"
 
 
+@pytest.mark.parametrize("target", ["-1", "nan", "inf"])
+def test_compare_refuses_a_target_loss_that_no_run_can_reach_before_running(target, private_env, tmp_path, capsys):
+    from devft.cli import main
+
+    assert main(["compare", str(SMOKE), "--out", str(tmp_path / "cmp"), "--target-eval-loss", target]) == 2
+    assert f"--target-eval-loss must be a loss > 0 (or 0: the configs' own target), got {float(target)!r}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_compare_reuse_refuses_a_run_of_another_config(smoke_config, private_env, tmp_path, capsys):
     from devft.cli import main
 
@@ -140,6 +150,14 @@ def test_compare_reuse_refuses_a_run_of_another_config(smoke_config, private_env
     assert main(["compare", str(SMOKE), "--out", str(out), "--reuse"]) == 0
     assert f"reusing {out / SMOKE.stem}" in capsys.readouterr().out
     assert main(["compare", str(SMOKE), "--out", str(out), "--reuse", "--set", "federation.max_update_norm=2"]) == 2
+
+    # a run summed on one thread (the default until it became one per CPU) has the same bits: reused
+    one_thread = config_to_dict(smoke_config())
+    one_thread["federation"]["aggregation_threads"] = 1
+    (out / SMOKE.stem / "config.json").write_text(json.dumps(one_thread))
+    capsys.readouterr()
+    assert main(["compare", str(SMOKE), "--out", str(out), "--reuse"]) == 0
+    assert f"reusing {out / SMOKE.stem}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("finished,same_config,resumed", [(True, True, False), (False, True, True),

@@ -131,7 +131,7 @@ def test_a_saved_test_split_is_the_held_out_set_and_never_trained_on(tmp_path: P
 def test_a_saved_test_split_too_small_or_empty_is_named(tmp_path: Path, monkeypatch) -> None:
     rows = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(5)]
     source = _save_splits(tmp_path / "dd", train=rows, test=rows[:2])
-    with pytest.raises(ValueError, match=r"the 'test' split of source=.* has 2 distinct .* not enough for num_test=3"):
+    with pytest.raises(ValueError, match=r"the 'test' split of data.source=.* has 2 distinct .* not enough for num_test=3"):
         build_federated_data(DataSettings(source=source, num_train=5, num_test=3, num_clients=1))
     import datasets
 

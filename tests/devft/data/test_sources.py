@@ -132,11 +132,11 @@ def test_saved_dataset_missing_column_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_sources_raise(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown source='no/such/file.jsonl'"):
+    with pytest.raises(ValueError, match=r"unknown data.source='no/such/file.jsonl': .*looked for /.*no/such/file.jsonl"):
         load_examples("no/such/file.jsonl")
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="unsupported source"):
+    with pytest.raises(ValueError, match="unsupported data.source"):
         load_examples(str(text))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="not a dataset saved with save_to_disk"):
