@@ -14,8 +14,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "simulations" / "configs" / "quickstart.toml"
 
 
+def _load(path: str | None, overrides: dict):
+    """The config at ``path`` with ``overrides``, its local paths absolute (names what the run reads)."""
+    from devft.config import load_config, with_local_paths_absolute
+
+    return with_local_paths_absolute(load_config(path, overrides))
+
+
 def _config(path: str | None, sets: list[str], default_quickstart: bool = True):
-    from devft.config import load_config, parse_overrides
+    from devft.config import parse_overrides
 
     if path is None and default_quickstart:
         if QUICKSTART.exists():
@@ -24,7 +31,7 @@ def _config(path: str | None, sets: list[str], default_quickstart: bool = True):
             logging.getLogger("devft").warning(
                 "no CONFIG given and the quickstart config %s is not there (devft was installed without its "
                 "repository): starting from devft's own defaults, which are not the quickstart's", QUICKSTART)
-    return load_config(path, parse_overrides(sets or []))
+    return _load(path, parse_overrides(sets or []))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -71,7 +78,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     """``(name, seed, config)`` for every run of the comparison, all validated before any runs: one per
     config without ``--seeds``, else one per seed and config, seed by seed (so an interrupted comparison
     holds complete seeds)."""
-    from devft.config import load_config, parse_overrides
+    from devft.config import parse_overrides
     from devft.reports.setting import check_same_setting
 
     overrides = parse_overrides(args.set or [])
@@ -83,7 +90,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
     if args.seeds is None:
         if args.seed_key:
             raise ValueError("--seed-key names what --seeds varies; give --seeds too")
-        runs = [(name, None, load_config(p, overrides)) for name, p in zip(names, args.configs)]
+        runs = [(name, None, _load(p, overrides)) for name, p in zip(names, args.configs)]
         check_same_setting({name: config for name, _, config in runs}, args.vary or ())
         _refuse_the_other_layout(Path(args.out), names, seeded=False)
         return runs
@@ -95,7 +102,7 @@ def _seeded_configs(args: argparse.Namespace) -> list[tuple[str, int | None, obj
         raise ValueError(f"--set {clash[0]}={overrides[clash[0]]} conflicts with --seeds, which sets {clash[0]} "
                          "per run; drop one of them")
     _refuse_the_other_layout(Path(args.out), names, seeded=True)
-    runs = [(name, seed, load_config(p, {**overrides, **dict.fromkeys(keys, seed)}))
+    runs = [(name, seed, _load(p, {**overrides, **dict.fromkeys(keys, seed)}))
             for seed in args.seeds for name, p in zip(names, args.configs)]
     for key in keys:  # a key that is not an integer seed would be set to the seed all the same: refuse it
         section, _, field = key.partition(".")

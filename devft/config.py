@@ -257,6 +257,27 @@ def config_from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -
     return RunConfig(**built)
 
 
+def with_local_paths_absolute(config: RunConfig) -> RunConfig:
+    """``config`` with a relative ``data.source`` or ``model.name`` that names an existing local file or folder
+    made absolute (``~`` expanded), so the run directory's config.json names what the run read: ``devft eval``
+    of its adapter, ``--resume`` and ``compare --reuse`` from another working directory find the same data.
+    Built-in names (``tasks``, the embedded models) and what does not exist here (a hub id) stay as written."""
+    from devft.models.loading import EMBEDDED_MODELS
+
+    def absolute(value: str, builtin: tuple[str, ...]) -> str:
+        path = Path(value).expanduser()
+        if value in builtin or not path.exists():
+            return value
+        return str(path.absolute())
+
+    source = absolute(config.data.source, ("tasks",))
+    name = absolute(config.model.name, EMBEDDED_MODELS)
+    if (source, name) == (config.data.source, config.model.name):
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=source),
+                               model=dataclasses.replace(config.model, name=name))
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a TOML config (sections as tables) and apply ``overrides`` (``section.field`` → value)."""
     values = _read_toml(Path(path)) if path is not None else {}

@@ -128,3 +128,35 @@ def test_the_flwr_run_config_file_keeps_any_string_and_number():
     back = config_from_flat(flatten(tomllib.loads(to_flwr_run_config(config))))
     assert back == config
     assert back.model.name == 'odd "name" \\ é\x7f\ttab' and back.train.lr == 1e-05
+
+
+def test_local_paths_become_absolute_so_the_run_directory_names_what_was_read(tmp_path, monkeypatch):
+    from devft.config import with_local_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "home" / "data").mkdir(parents=True)
+    (tmp_path / "home" / "data" / "x.jsonl").write_text("")
+    (tmp_path / "tasks").write_text("")  # a file named like the built-in suite: the suite is meant
+    (tmp_path / "tiny-llama").mkdir()  # a folder named like an embedded model: the model is meant
+
+    def resolved(source, name):
+        config = with_local_paths_absolute(load_config(None, {"data.source": source, "model.name": name}))
+        return config.data.source, config.model.name
+
+    assert resolved("good.jsonl", "models/mine") == (str(tmp_path / "good.jsonl"), str(tmp_path / "models" / "mine"))
+    assert resolved("~/data/x.jsonl", "tiny-llama") == (str(tmp_path / "home" / "data" / "x.jsonl"), "tiny-llama")
+    assert resolved("tasks", "HuggingFaceTB/SmolLM2-135M") == ("tasks", "HuggingFaceTB/SmolLM2-135M")  # not here
+    assert resolved("missing.jsonl", "smollm2-135m") == ("missing.jsonl", "smollm2-135m")  # its error names it
+    absolute = str(tmp_path / "good.jsonl")
+    assert resolved(absolute, "tiny-llama") == (absolute, "tiny-llama")
+
+
+def test_the_cli_reads_configs_with_their_local_paths_absolute(tmp_path, monkeypatch):
+    from devft.cli import _config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    assert _config(None, ["data.source=good.jsonl"]).data.source == str(tmp_path / "good.jsonl")
