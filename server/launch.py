@@ -12,6 +12,7 @@ environment ``ray start`` had). ``tests/server/test_ray_cluster.py`` checks the 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -171,6 +172,18 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
+def _check_checkpoint(directory: RunDirectory, config: RunConfig) -> int:
+    """The round ``directory``'s checkpoint ended; refuses (naming the keys) a config it cannot resume with."""
+    from server.checkpoint import load_checkpoint
+    from server.strategy import check_resumable
+
+    payload = load_checkpoint(directory.checkpoint)
+    if payload is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
+    check_resumable(json.loads(payload["config"]), config, directory.path)
+    return int(payload["round"])
+
+
 def simulate(
     config: RunConfig,
     out_dir: Path,
@@ -195,8 +208,12 @@ def simulate(
     directory = RunDirectory(out_dir)
     if resume and not directory.has_checkpoint():
         raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
+    resumed_round = _check_checkpoint(directory, config) if resume else 0  # before the data, the model and Ray
     data = build_federated_data(config.data)
     global_model = GlobalModel(config, data.test)  # validates the schedule against the model before Ray starts
+    if resume and resumed_round >= global_model.schedule.total_rounds and directory.summary.exists():
+        log.warning("%s holds a complete run (round %d of %d): nothing is left to train; its summary and report "
+                    "are written again", out_dir, resumed_round, global_model.schedule.total_rounds)
     with locked(out_dir):  # one run at a time in a directory: a second one would interleave rows and checkpoints
         if resume and not directory.has_checkpoint():  # checked again, now that no other run can move it
             raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")

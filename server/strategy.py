@@ -110,6 +110,16 @@ RESUME_MAY_CHANGE = SAME_BITS_KEYS | frozenset(
 messages, whose bytes rows record apart as ``eval_bytes_up`` / ``eval_bytes_down``)."""
 
 
+def check_resumable(saved: Mapping[str, Any], config: RunConfig, where: Any) -> None:
+    """Refuse to resume, in ``where``, a checkpoint whose flat config ``saved`` differs from ``config`` (bar
+    :data:`RESUME_MAY_CHANGE`), naming up to five keys with both values."""
+    now = config_to_flat(config)
+    changed = [k for k in changed_keys(saved, config) if k not in RESUME_MAY_CHANGE]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ValueError(f"cannot resume {where}: the config differs from the checkpoint's ({details})")
+
+
 @dataclass
 class RunState:
     """Everything that changes from round to round (and therefore goes into the checkpoint)."""
@@ -605,12 +615,7 @@ class DevFTStrategy(Strategy):
         return []
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
-        """Refuse to resume a checkpoint written under a different configuration."""
-        now = config_to_flat(self.config)
-        changed = [k for k in changed_keys(saved, self.config) if k not in RESUME_MAY_CHANGE]
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-            raise ValueError(f"cannot resume {self.run_dir.path}: the config differs from the checkpoint's ({details})")
+        check_resumable(saved, self.config, self.run_dir.path)
 
     def _discover(self, grid: Grid) -> None:
         self._set_partition_map(discover_partitions(

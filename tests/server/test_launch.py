@@ -11,14 +11,18 @@ from conftest import SMOKE
 from devft.config import config_to_dict
 
 
-def fake_run(path, summary: bool = True) -> None:
-    """The files of a run directory (contents are beside the point)."""
+def fake_run(path, summary: bool = True, checkpoint_round: int = 1, overrides: dict | None = None) -> None:
+    """The files of a run directory of the smoke config (with ``overrides``); their contents are beside the
+    point, bar the checkpoint's config and round, which ``--resume`` checks before it starts anything."""
+    from devft.config import config_to_flat, load_config
+    from server.checkpoint import save_checkpoint
+
     path.mkdir(parents=True, exist_ok=True)
     (path / "metrics.jsonl").write_text('{"round": 1}\n')
     (path / "adapter").mkdir()
     (path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
-    (path / "checkpoint").mkdir()
-    (path / "checkpoint" / "state.pt").write_bytes(b"state")
+    config = load_config(SMOKE, overrides)
+    save_checkpoint(path / "checkpoint", {"config": json.dumps(config_to_flat(config)), "round": checkpoint_round})
     if summary:
         (path / "summary.json").write_text('{"rounds": 1}')
 
@@ -111,6 +115,47 @@ def test_a_completed_run_new_or_resumed_drops_the_set_aside_runs(smoke_config, p
     monkeypatch.setattr(flwr.simulation, "run_simulation", completes)
     simulate(smoke_config(), out, progress=False, resume=True)  # resumed: nothing new set aside, old ones dropped
     assert not (out / PREVIOUS_RUN).exists() and not (out / PREVIOUS_PARTIAL).exists()
+
+
+def test_resume_with_a_changed_key_is_refused_before_the_data_the_model_or_ray(smoke_config, private_env, tmp_path,
+                                                                              monkeypatch):
+    import flwr.simulation
+
+    from server import launch
+
+    out = tmp_path / "run"
+    fake_run(out, summary=False)
+    before = sorted(p.name for p in out.iterdir())
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("started before the config was checked")
+
+    for target, name in ((flwr.simulation, "run_simulation"), (launch, "build_federated_data"), (launch, "GlobalModel")):
+        monkeypatch.setattr(target, name, must_not_run)
+    with pytest.raises(ValueError, match=r"cannot resume .*run: the config differs from the checkpoint's "
+                                         r"\(federation.num_rounds: 4 -> 6\)"):
+        launch.simulate(smoke_config(federation__num_rounds=6), out, progress=False, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resuming_a_complete_run_says_that_nothing_is_left_to_train(smoke_config, private_env, tmp_path, monkeypatch,
+                                                                    caplog):
+    import flwr.simulation
+
+    from server.launch import simulate
+
+    out, partial = tmp_path / "run", tmp_path / "partial"
+    fake_run(out, checkpoint_round=4)
+    fake_run(partial, summary=False, checkpoint_round=2)
+    monkeypatch.setattr(flwr.simulation, "run_simulation",
+                        lambda **kwargs: (partial / "summary.json").write_text('{"rounds": 4}'))
+    with caplog.at_level("WARNING", logger="server.launch"):
+        simulate(smoke_config(), out, progress=False, resume=True)
+    assert "holds a complete run (round 4 of 4): nothing is left to train" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="server.launch"):
+        simulate(smoke_config(), partial, progress=False, resume=True)
+    assert "complete run" not in caplog.text
 
 
 def test_out_that_is_a_file_is_refused_before_anything_runs(smoke_config, private_env, tmp_path):
