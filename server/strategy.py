@@ -93,6 +93,10 @@ class RunStopped(Exception):  # noqa: N818 - a request honoured, not an error
         return stopped
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def number(row: Mapping[str, Any], key: str) -> float:
     """``row[key]`` as a float; 0 where a metrics row holds null (a non-finite value is written as null)."""
     value = row.get(key)
@@ -680,8 +684,9 @@ class DevFTStrategy(Strategy):
             )
             self.aggregate_evaluate(server_round, eval_replies)
 
+        # evaluated: a round whose eval_loss is null then had a NaN/Inf loss (JSON has none), not no evaluation
         evaluation: dict[str, Any] = {"eval_loss": None, "eval_accuracy": None, "submodel_eval_loss": None,
-                                      "eval_kind": self._eval_kind()}
+                                      "eval_kind": self._eval_kind(), "evaluated": self._is_eval_round(server_round)}
         eval_s = 0.0
         if self._is_eval_round(server_round) and self.rule.personalised:
             # No global model: the held-out loss of each sampled client's own full model on the clients, i.e.
@@ -830,7 +835,12 @@ class DevFTStrategy(Strategy):
         state = self._require_state()
         replace_directory(self.run_dir.adapter, lambda staging: self.model.save_adapter(
             state.full_lora, staging, state.base_delta))
-        self.run_dir.write_summary(self._summary(rows))
+        summary = self._summary(rows)
+        self.run_dir.write_summary(summary)
+        final = summary["final"]
+        if final["round"] is not None and not _finite(final["eval_loss"]):
+            log.warning("the final eval loss (round %s) is not finite: the model diverged (see the rounds' failures "
+                        "and skipped updates in %s)", final["round"], self.run_dir.path / "report.md")
 
     def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         state = self._require_state()

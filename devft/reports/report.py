@@ -48,8 +48,9 @@ def write_report(run_dir: str | Path) -> Path:
         if final:
             of = ("mean held-out eval loss of the sampled clients' own (personalised) models"
                   if run.personalised_eval else "full-model eval loss")
-            lines.append(f"- final {of} {fmt(final.get('eval_loss'))}, exact-match accuracy "
-                         f"{fmt(final.get('eval_accuracy'))}")
+            diverged = final.get("round") is not None and final.get("eval_loss") is None
+            loss = "NaN (not finite: the model diverged)" if diverged else fmt(final.get("eval_loss"))
+            lines.append(f"- final {of} {loss}, exact-match accuracy {fmt(final.get('eval_accuracy'))}")
         totals = s.get("totals") or {}
         if totals:
             lines.append(
@@ -84,7 +85,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"| {r.get('round')} | {fmt(r.get('stage'))} | {fmt(r.get('submodel_layers'))} | "
             f"{fmt(r.get('clients_ok'))}/{fmt(r.get('clients_sampled'))} | {fmt(r.get('clients_failed'))} | "
             f"{mib(r.get('bytes_up'))} | {mib(r.get('bytes_down'))} | {fmt(r.get('train_loss'))} | "
-            f"{fmt(r.get('eval_loss'))} | {fmt(r.get('eval_accuracy'))} | {fmt(r.get('round_wall_s'), '.1f')} | "
+            f"{_eval_loss(r)} | {fmt(r.get('eval_accuracy'))} | {fmt(r.get('round_wall_s'), '.1f')} | "
             f"{fmt(r.get('validate_s'), '.3f')} | {fmt(r.get('aggregate_s'), '.3f')} | {fmt(r.get('peak_rss_mb'), '.0f')} |"
         )
     lines += _incidents(run.rounds)
@@ -93,6 +94,13 @@ def write_report(run_dir: str | Path) -> Path:
     out.write_text("\n".join(lines) + "\n")
     log.info("report written to %s", out)
     return out
+
+
+def _eval_loss(row: dict) -> str:
+    """A round's eval loss; ``NaN`` where the round was evaluated and its loss was not finite (null in the row)."""
+    if row.get("evaluated") and row.get("eval_loss") is None:
+        return "NaN"
+    return fmt(row.get("eval_loss"))
 
 
 def _incidents(rounds: list[dict]) -> list[str]:

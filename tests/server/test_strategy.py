@@ -206,7 +206,7 @@ def test_too_few_replies_skip_the_update(smoke_config, run_inprocess, tmp_path):
     assert all(not v.any() for k, v in final.items() if "lora_B" in k)
 
 
-def test_a_huge_update_is_scaled_back_onto_the_norm_bound(smoke_config, run_inprocess, tmp_path):
+def test_a_huge_update_is_scaled_back_onto_the_norm_bound(smoke_config, run_inprocess, tmp_path, caplog):
     # Partition 1 multiplies its LoRA by 1e6: finite and well-formed, so every reply check lets it through.
     def run(name, **overrides):
         run_inprocess(smoke_config(federation__clients_per_round=4, **overrides), tmp_path / name)
@@ -216,6 +216,18 @@ def test_a_huge_update_is_scaled_back_onto_the_norm_bound(smoke_config, run_inpr
     assert unbounded[0]["update_norm_max"] > 1e5 * unbounded[0]["update_norm_median"]
     assert unbounded[0]["clipped"] == [] and unbounded[0]["update_norm_bound"] is None
     assert any(r["clients_ok"] == 0 for r in unbounded)  # the global model was wrecked: every client failed
+    # the diverged evaluations are NaN in the report, told apart from rounds that were not evaluated
+    nan_rounds = [r["round"] for r in unbounded if r["evaluated"] and r["eval_loss"] is None]
+    assert nan_rounds and nan_rounds[-1] == unbounded[-1]["round"]
+    assert [r["round"] for r in unbounded if not r["evaluated"]] == [1, 3]  # eval_every = 2
+    report = (tmp_path / "unbounded" / "report.md").read_text()
+    for r in unbounded:
+        cells = [c.strip() for c in next(line for line in report.splitlines()
+                                         if line.startswith(f"| {r['round']} |")).split("|")]
+        assert cells[9] == ("NaN" if r["round"] in nan_rounds else "—" if not r["evaluated"] else cells[9])
+    assert "final full-model eval loss NaN (not finite: the model diverged)" in report
+    assert f"the final eval loss (round {unbounded[-1]['round']}) is not finite: the model diverged" in caplog.text
+    caplog.clear()
 
     bounded = run("bounded", federation__fault_injection="1:huge", federation__max_update_norm_ratio=3.0)
     for r in bounded:
@@ -225,6 +237,7 @@ def test_a_huge_update_is_scaled_back_onto_the_norm_bound(smoke_config, run_inpr
         assert clip["partition"] == 1 and clip["scale"] == pytest.approx(r["update_norm_bound"] / clip["norm"])
     clean = run("clean")
     assert bounded[-1]["eval_loss"] == pytest.approx(clean[-1]["eval_loss"], abs=0.02)
+    assert "is not finite" not in caplog.text
     assert json.loads((tmp_path / "bounded" / "summary.json").read_text())["totals"]["updates_clipped"] == 4
 
     # a bound no honest update reaches changes nothing: replies within it are aggregated untouched
