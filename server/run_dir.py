@@ -161,6 +161,12 @@ class RunDirectory:
 
     def prepare(self, resume: bool) -> None:
         """Create the directory; refuse to overwrite a previous run unless resuming it."""
+        self.check(resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.stages.mkdir(exist_ok=True)
+
+    def check(self, resume: bool) -> None:
+        """Refuse, creating nothing, a directory that holds a run unless resuming, or lacks one to resume."""
         if not resume and self.path.exists() and (self.metrics.exists() or self.has_checkpoint()):
             raise FileExistsError(
                 f"run directory {str(self.path)!r} already holds a run: resume it (devft simulate --resume, "
@@ -168,8 +174,6 @@ class RunDirectory:
             )
         if resume and not self.has_checkpoint():
             raise FileNotFoundError(f"--resume: no checkpoint in {str(self.checkpoint)!r}")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.stages.mkdir(exist_ok=True)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / CONFIG_FILE, config)

@@ -51,11 +51,15 @@ def discover_partitions(
     """
     start = last_said = time.monotonic()
     last_count = -1
+    early: set[int] = set()  # nodes asked while waiting for the others: a wrong num-partitions is refused at once
     while len(node_ids := sorted(grid.get_node_ids())) < num_partitions:
         waited = time.monotonic() - start
         if len(node_ids) >= min_required and waited > wait_s:
             log.warning("going on with %d of %d nodes connected", len(node_ids), num_partitions)
             break
+        if fresh := set(node_ids) - early:
+            early |= fresh
+            _refuse_mismatched(grid, fresh, num_partitions, wait_s)
         if len(node_ids) < min_required and time.monotonic() - last_said >= 30.0:  # waits for as long as it takes
             last_said = time.monotonic()
             log.warning("waiting for nodes (%.0f s): %d connected, a round needs %d (federation.clients_per_round) "
@@ -67,6 +71,24 @@ def discover_partitions(
         time.sleep(poll_s)
     mismatched: dict[int, int] = {}
     mapping = claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s), mismatched=mismatched)
+    _raise_mismatch(mismatched, num_partitions)
+    if asked is not None:
+        asked.update(node_ids)
+    if len(mapping) < min_required:
+        raise RuntimeError(f"only {len(mapping)} nodes reported a usable partition id; {min_required} needed")
+    log.info("partition map: %d of %d partitions have a node", len(mapping), num_partitions)
+    return dict(sorted(mapping.items()))
+
+
+def _refuse_mismatched(grid: Grid, node_ids: set[int], num_partitions: int, wait_s: float) -> None:
+    """Ask ``node_ids`` (connected while the others are awaited) for their partition count, and refuse a wrong one
+    at once: no later node can make the run's data split theirs."""
+    mismatched: dict[int, int] = {}
+    claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s), mismatched=mismatched)
+    _raise_mismatch(mismatched, num_partitions)
+
+
+def _raise_mismatch(mismatched: dict[int, int], num_partitions: int) -> None:
     if mismatched:
         node, told = next(iter(mismatched.items()))
         raise ValueError(
@@ -74,12 +96,6 @@ def discover_partitions(
             f"but data.num_clients={num_partitions}: in a simulation pass --federation-config "
             f"'num-supernodes={num_partitions}' to flwr run (Flower's default local federation has 2 nodes); "
             f"on SuperNodes, --node-config 'partition-id=K num-partitions={num_partitions}'")
-    if asked is not None:
-        asked.update(node_ids)
-    if len(mapping) < min_required:
-        raise RuntimeError(f"only {len(mapping)} nodes reported a usable partition id; {min_required} needed")
-    log.info("partition map: %d of %d partitions have a node", len(mapping), num_partitions)
-    return dict(sorted(mapping.items()))
 
 
 def claimed_partitions(grid: Grid, node_ids: Iterable[int], num_partitions: int, timeout: float,

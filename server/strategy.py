@@ -566,9 +566,10 @@ class DevFTStrategy(Strategy):
         evaluate_config = evaluate_config or ConfigRecord()
         self.summary()
         result = Result()
+        self.run_dir.check(self.resume)  # a directory it cannot use is refused before the wait for nodes
+        self._discover(grid)  # before anything is written: a federation that cannot run this config leaves no run
         rows = self._initialise(initial_arrays)
         self.run_dir.write_config(config_to_dict(self.config))
-        self._discover(grid)
         state = self._require_state()
         for row in rows:
             result.train_metrics_clientapp[int(row["round"])] = MetricRecord(
