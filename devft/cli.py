@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import threading
 from pathlib import Path
@@ -206,6 +207,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from devft.training import evaluate
 
     adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").exists():
+        inside = adapter / "adapter"
+        hint = f"; a run directory's adapter is --adapter {str(inside)!r}" if (inside / "adapter_config.json").exists() else ""
+        raise FileNotFoundError(f"--adapter {str(adapter)!r} holds no adapter_config.json (not a peft adapter){hint}")
     run_config = adapter.resolve().parent / "config.json"  # `--adapter .` inside a run's adapter/ too
     if args.config is None and run_config.exists():  # a run's adapter: that run's model, data and eval
         from devft.config import config_from_flat, flatten_config_dict, parse_overrides
@@ -215,8 +220,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"config: {run_config} (the run's own; pass a CONFIG to use another)", file=sys.stderr)
     else:
         config = _config(args.config, args.set)
-    if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"--adapter {str(adapter)!r} holds no adapter_config.json (not a peft adapter)")
     loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     try:
         model = PeftModel.from_pretrained(loaded.model, str(adapter))
@@ -354,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # the SuperLink's database set-up, seven lines a run
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `devft config | head`: the reader left; say nothing more, as a killed writer would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141
     except (ValueError, OSError, KeyError) as err:  # OSError: FileNotFoundError, IsADirectoryError, …
         print(f"devft: error: {err}", file=sys.stderr)
         return 2

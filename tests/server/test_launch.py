@@ -264,6 +264,54 @@ def test_eval_of_an_adapter_for_another_model_names_the_mismatch(smoke_config, p
     assert "does not load onto model.name='tiny-llama'" in err and "not found in the base model" in err
 
 
+def test_eval_of_a_run_directory_points_to_its_adapter_before_loading_anything(private_env, tmp_path, capsys,
+                                                                             monkeypatch):
+    from devft import cli, models
+    from devft.cli import main
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model for a wrong --adapter"))
+    monkeypatch.setattr(cli, "_config", lambda *a, **k: pytest.fail("read a config for a wrong --adapter"))
+    assert main(["eval", "--adapter", str(run)]) == 2
+    assert f"a run directory's adapter is --adapter '{run / 'adapter'}'" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no adapter_config.json (not a peft adapter)" in err and "run directory's" not in err
+
+
+def test_a_reader_that_leaves_early_gets_no_error_from_devft(private_env, monkeypatch, capsys):
+    """`devft config | head -1`: the pipe breaks under devft's print; it stops quietly with 141, as a writer
+    killed by SIGPIPE would, instead of printing an error about the pipe."""
+    import os
+    import sys
+
+    from devft.cli import main
+
+    read_end, write_end = os.pipe()
+
+    class LeftPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", LeftPipe())
+    try:
+        assert main(["config"]) == 141
+        assert capsys.readouterr().err == ""
+        os.write(write_end, b"after")  # the descriptor now goes to /dev/null: Python's exit flush cannot fail
+        os.close(write_end)
+        assert os.read(read_end, 16) == b""  # nothing reached the reader that left
+    finally:
+        os.close(read_end)
+
+
 def test_a_second_run_in_a_busy_run_directory_is_refused_naming_the_holder(smoke_config, private_env, tmp_path,
                                                                          capsys):
     import os

@@ -691,6 +691,24 @@ def test_nodes_told_another_partition_count_are_refused_by_name(private_env):
     assert discover_partitions(InProcessGrid(client_app, 4), 4, 1, wait_s=0) == {0: 1000, 1: 1007, 2: 1014, 3: 1021}
 
 
+def test_a_federation_told_another_partition_count_is_refused_at_once_and_leaves_no_run(smoke_config, private_env,
+                                                                                       tmp_path):
+    """flwr run on its default 2-node federation against data.num_clients=4: refused as soon as the nodes that
+    are there answer (not after the 30 s wait for the other two), before the run directory holds anything."""
+    import time
+
+    from client.app import app as client_app
+    from server.app import run_server
+
+    config = smoke_config()
+    assert config.data.num_clients == 4
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"num-partitions=2 .* but data.num_clients=4"):
+        run_server(InProcessGrid(client_app, 2), config, tmp_path / "run")
+    assert time.monotonic() - started < 25
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".devft-lock"]  # no config.json, no stages/
+
+
 # ---------------------------------------------------------------- aggregation rules in the Flower app
 
 
