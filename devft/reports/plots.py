@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from devft.reports.runs import RunRecords  # noqa: E402
 
@@ -30,6 +31,7 @@ def plot_run(run: RunRecords, out_dir: Path) -> list[Path]:
             label = key.replace("_", " ")
             ax.plot(xs, ys, style, label=_legend(label, [run]) if key.endswith("eval_loss") else label)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no 1.5 or 2.25 ticks
     ax.set_ylabel("loss")
     ax.set_title(f"{run.label}: loss")
     ax.legend()
@@ -42,6 +44,7 @@ def plot_run(run: RunRecords, out_dir: Path) -> list[Path]:
     ax1.bar(rounds, down, label="down (MiB)", color="tab:blue")
     ax1.bar(rounds, up, bottom=down, label="up (MiB)", color="tab:orange")
     ax1.set_xlabel("round")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylabel("MiB per round")
     ax2 = ax1.twinx()
     ax2.step(rounds, [r.get("submodel_layers") or 0 for r in run.rounds], where="mid", color="black", label="layers")
@@ -83,6 +86,8 @@ def _comparison_figures(draw, out_dir: Path, legend_title: str | None = None,
         if reference is not None:
             ax.axhline(reference, linestyle="--", color="gray", label="centralised reference")
         ax.set_xlabel(xlabel)
+        if name == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("full-model eval loss")
         if ax.get_legend_handles_labels()[0]:  # runs that never evaluated draw nothing
             ax.legend(title=legend_title, title_fontsize="small")

@@ -189,3 +189,23 @@ def test_the_central_reference_section_says_which_budget_it_had(tmp_path):
     _write_run(tmp_path / "run", "devft", [3.0, 2.0], [10, 10])
     table = write_comparison([tmp_path / "run"], tmp_path / "cmp", central=[tmp_path / "fed"]).read_text()
     assert "## Centralised reference" in table and "| fed | 2 | 0.5 | 0.25 | 64 | 40 | 3.0 |" in table
+
+
+def test_round_axes_tick_whole_rounds(tmp_path, monkeypatch):
+    from devft.reports import plots
+
+    _write_run(tmp_path / "a", "devft", [3.0, 2.0, 1.5, 1.2], [10, 10, 20, 20])
+    _write_run(tmp_path / "b", "fedit", [2.5, 1.9, 1.6, 1.4], [40, 40, 40, 40])
+    ticks = {}
+    save = plots._save
+
+    def recording(fig, path):
+        fig.canvas.draw()
+        ticks[path.name] = list(fig.axes[0].get_xticks())
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", recording)
+    plots.plot_run(read_run(tmp_path / "a"), tmp_path / "plots")
+    plots.plot_comparison([read_run(tmp_path / "a"), read_run(tmp_path / "b")], tmp_path / "cmp")
+    for name in ("loss.png", "bytes_and_layers.png", "eval_loss_vs_round.png"):
+        assert ticks[name] and all(float(t).is_integer() for t in ticks[name]), (name, ticks[name])
