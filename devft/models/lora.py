@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -81,7 +82,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> Peft
     """Wrap ``model`` with fresh LoRA adapters (A seeded, B = 0, so the model's output is unchanged)."""
     family = family_of(model)
     _check_targets(model, settings.targets or family.lora_targets, family)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers' deprecated is_gradient_checkpointing: one FutureWarning per wrap, nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, settings.peft_config(family))
     return peft_model

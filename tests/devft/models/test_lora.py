@@ -19,3 +19,15 @@ def test_lora_targets_outside_the_decoder_layers_are_refused_by_name(targets, ma
     with pytest.raises(ValueError, match=r"lora.targets=\(.*\): " + match):
         attach_lora(model, LoraSettings(r=2, targets=targets))
     attach_lora(load_model("tiny-llama").model, LoraSettings(r=2, targets=("q_proj", "mlp.down_proj")))
+
+
+def test_attaching_lora_prints_no_deprecation_notice_of_the_libraries_below(recwarn):
+    """peft's wrap asks transformers' deprecated is_gradient_checkpointing: every client of every round used to
+    print that FutureWarning; it is silenced around the wrap (and only there)."""
+    import warnings
+
+    model = load_model("tiny-llama").model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        attach_lora(model, LoraSettings(r=2))
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
