@@ -7,7 +7,6 @@ training, not at the one client call's ``train.max_steps``.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from devft.config import RunConfig, config_to_dict
 from devft.data.federated import build_federated_data
+from devft.files import replace_directory, write_json_atomic
 from devft.models import attach_lora, load_model
 from devft.training import EvalResult, evaluate, train_lora
 from devft.training.trainer import total_steps
@@ -91,7 +91,6 @@ def run_central(config: RunConfig, out_dir: str | Path, progress: bool = True, b
         result = train_lora(model, loaded.tokenizer, train_examples, settings, config.data.max_length)
     after = evaluate(model, loaded.tokenizer, data.test, config.eval, config.data.max_length)
     log.info("after: eval loss %.4f accuracy %s", after.loss, after.accuracy)
-    model.save_pretrained(out_dir / "adapter")
     summary = {
         "config": config_to_dict(config),
         "train_examples": len(train_examples),
@@ -103,7 +102,12 @@ def run_central(config: RunConfig, out_dir: str | Path, progress: bool = True, b
         "wall_s": time.perf_counter() - start,
         "samples_after": after.samples,
     }
-    (out_dir / "central.json").write_text(json.dumps(summary, indent=2))
+    # An earlier run's adapter stays whole until the new one is complete; central.json, written last, marks a
+    # complete run (what compare --reuse looks for), so it goes first: an error in between leaves no pair that
+    # does not belong together. A NaN loss is written as null.
+    (out_dir / "central.json").unlink(missing_ok=True)
+    replace_directory(out_dir / "adapter", model.save_pretrained)
     # as a run directory has it: `devft eval --adapter OUT/adapter` then evaluates with this config
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    write_json_atomic(out_dir / "config.json", config_to_dict(config))
+    write_json_atomic(out_dir / "central.json", summary)
     return summary

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
-import shutil
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from devft.files import json_safe, write_json_atomic
 from devft.metrics.rows import METRICS_FILE, read_metrics_file
 
 SUMMARY_FILE = "summary.json"
@@ -26,45 +25,6 @@ CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
 STAGES_DIR = "stages"
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None (JSON has no NaN), tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file, flushed to disk, and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a fresh staging directory beside ``path`` with ``write(staging)``, then put it in ``path``'s place:
-    a crash or an error while writing leaves the earlier ``path`` whole, never a mix of the two."""
-    staging, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
-    for leftover in (staging, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 LOCK_FILE = ".devft-lock"
@@ -180,7 +140,7 @@ class RunDirectory:
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         with self.metrics.open("a") as fh:
-            fh.write(json.dumps(_clean(row)) + "\n")
+            fh.write(json.dumps(json_safe(row)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

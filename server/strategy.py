@@ -54,6 +54,7 @@ from devft.aggregation.client_side import frozen_parts, lora_digest
 from devft.aggregation.kernels import resolve_backend
 from devft.aggregation.norm_bound import bound_updates
 from devft.config import FederationSettings, RunConfig, changed_keys, config_to_dict, config_to_flat
+from devft.files import replace_directory
 from devft.growth import GrowthPlan
 from devft.models import LoraState
 from server.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -67,7 +68,7 @@ from server.replies import (
     client_error,
     parse_train_reply,
 )
-from server.run_dir import RunDirectory, replace_directory
+from server.run_dir import RunDirectory
 from server.sampling import discover_partitions, refreshed_partitions, sample_partitions
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,31 @@ def test_train_then_eval_its_adapter(tmp_path, capsys, monkeypatch):
     assert json.loads(captured.out)["eval_loss"] == pytest.approx(summary["after"]["loss"], rel=1e-4)
 
 
+def test_a_failed_rerun_leaves_the_earlier_adapter_whole_and_no_summary_for_it(tmp_path, capsys, monkeypatch):
+    import torch
+    from peft import PeftModel
+
+    from devft.cli import main
+
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    out = tmp_path / "central"
+    args = ["train", str(SMOKE), "--out", str(out), "--set", "train.max_steps=2", "--budget", "train"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
+
+    def fails_half_way(self, directory, *a, **k):
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"torn")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", fails_half_way)
+    assert main(args + ["--set", "train.lr=0.01"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before  # the earlier adapter, whole
+    assert not (out / "central.json").exists()  # no summary that would pass the earlier adapter off as this run's
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.json"]  # no staging folder left
+
+
 def test_train_gets_the_federated_runs_budget_by_default(tmp_path, capsys, monkeypatch):
     import torch
 

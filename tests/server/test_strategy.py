@@ -651,7 +651,7 @@ def test_a_torn_metrics_line_or_checkpoint_is_handled_by_name(tmp_path):
 
 
 def test_an_adapter_written_halfway_never_replaces_the_one_before(tmp_path):
-    from server.run_dir import replace_directory
+    from devft.files import replace_directory
 
     adapter = tmp_path / "adapter"
     replace_directory(adapter, lambda d: (d / "adapter_model.safetensors").write_text("first"))
