@@ -13,6 +13,7 @@ Run-config keys with a dot (``federation.num-rounds``, ``lora.r``) are the run c
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,9 +46,19 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     return options, flat
 
 
+def loss_text(row: dict[str, Any], key: str, digits: int = 4) -> str:
+    """``row[key]`` for a progress line: ``-`` where there is none (a round without evaluation, no replies),
+    ``NaN`` for a NaN or an evaluated round's null loss (metrics.jsonl keeps NaN and Inf as null), ``inf``."""
+    value = row.get(key)
+    if value is None:
+        return "NaN" if key == "eval_loss" and row.get("evaluated") else "-"
+    if math.isnan(value):
+        return "NaN"
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
 def log_round(row: dict[str, Any]) -> None:
     """One log line per round (the progress display of ``flwr run``)."""
-    loss = row.get("eval_loss")
     log(
         INFO,
         "[devft] round %d stage %d (%d layers): clients %d/%d, train loss %s, eval loss %s, up %.2f MB, down %.2f MB, %.1f s",
@@ -56,8 +67,8 @@ def log_round(row: dict[str, Any]) -> None:
         row["submodel_layers"],
         row["clients_ok"],
         row["clients_sampled"],
-        "-" if row.get("train_loss") is None else f"{row['train_loss']:.4f}",
-        "-" if loss is None else f"{loss:.4f}",
+        loss_text(row, "train_loss"),
+        loss_text(row, "eval_loss"),
         row["bytes_up"] / 1e6,
         row["bytes_down"] / 1e6,
         row["round_wall_s"],

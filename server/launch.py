@@ -121,8 +121,10 @@ class _RoundBar:
         self.task = self.progress.add_task("starting", total=total, completed=done)
 
     def __call__(self, row: dict[str, Any]) -> None:
-        train = "-" if row.get("train_loss") is None else f"{row['train_loss']:.3f}"
-        evl = "" if row.get("eval_loss") is None else f" eval {row['eval_loss']:.3f}"
+        from server.app import loss_text
+
+        train = loss_text(row, "train_loss", 3)
+        evl = f" eval {loss_text(row, 'eval_loss', 3)}" if row.get("evaluated") else ""
         failed = f" [red]{row['clients_failed']} failed[/red]" if row["clients_failed"] else ""
         self.progress.update(
             self.task,

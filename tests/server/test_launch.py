@@ -641,3 +641,14 @@ def test_central_is_refused_beside_a_config_named_central(smoke_config, private_
     central.write_text(f'extends = "{SMOKE}"\n')
     assert main(["compare", str(central), "--out", str(tmp_path / "cmp"), "--central"]) == 2
     assert "--central trains into OUT/central" in capsys.readouterr().err
+
+
+def test_progress_lines_tell_a_diverged_loss_from_a_missing_one():
+    from server.app import loss_text
+
+    assert loss_text({"eval_loss": 1.23456, "evaluated": True}, "eval_loss") == "1.2346"
+    assert loss_text({"eval_loss": None, "evaluated": True}, "eval_loss") == "NaN"  # as metrics.jsonl keeps it
+    assert loss_text({"eval_loss": float("nan"), "evaluated": True}, "eval_loss", 3) == "NaN"  # as the round has it
+    assert loss_text({"eval_loss": None, "evaluated": False}, "eval_loss") == "-"
+    assert loss_text({"train_loss": None}, "train_loss") == "-"  # no accepted replies
+    assert loss_text({"train_loss": float("inf")}, "train_loss") == "inf"
