@@ -257,21 +257,28 @@ def config_from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -
     return RunConfig(**built)
 
 
+def _local_path_builtins() -> dict[str, tuple[str, ...]]:
+    """The keys that may name a local file or folder, with the names that never do (built-in ones)."""
+    from devft.models.loading import EMBEDDED_MODELS
+
+    return {"data.source": ("tasks",), "model.name": EMBEDDED_MODELS}
+
+
+def _absolute_local(value: str, builtin: tuple[str, ...]) -> str:
+    path = Path(value).expanduser()
+    if value in builtin or not path.exists():
+        return value
+    return str(path.absolute())
+
+
 def with_local_paths_absolute(config: RunConfig) -> RunConfig:
     """``config`` with a relative ``data.source`` or ``model.name`` that names an existing local file or folder
     made absolute (``~`` expanded), so the run directory's config.json names what the run read: ``devft eval``
     of its adapter, ``--resume`` and ``compare --reuse`` from another working directory find the same data.
     Built-in names (``tasks``, the embedded models) and what does not exist here (a hub id) stay as written."""
-    from devft.models.loading import EMBEDDED_MODELS
-
-    def absolute(value: str, builtin: tuple[str, ...]) -> str:
-        path = Path(value).expanduser()
-        if value in builtin or not path.exists():
-            return value
-        return str(path.absolute())
-
-    source = absolute(config.data.source, ("tasks",))
-    name = absolute(config.model.name, EMBEDDED_MODELS)
+    builtins = _local_path_builtins()
+    source = _absolute_local(config.data.source, builtins["data.source"])
+    name = _absolute_local(config.model.name, builtins["model.name"])
     if (source, name) == (config.data.source, config.model.name):
         return config
     return dataclasses.replace(config, data=dataclasses.replace(config.data, source=source),
@@ -322,18 +329,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = _unquoted(value.strip(), key.strip())
+        out[key.strip()] = _unquoted(value.strip())
     return out
 
 
-def _unquoted(value: str, key: str) -> str:
+def _unquoted(value: str) -> str:
     if len(value) < 2 or value[0] != value[-1] or value[0] not in "'\"":
         return value
     try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"--set {key}={value}: not a valid quoted string ({err})") from None
-    return parsed
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:  # not one TOML string ('"q_proj","v_proj"', 'C:\\x'): as typed, as before
+        return value
 
 
 def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
@@ -360,6 +366,13 @@ def changed_keys(saved: Mapping[str, Any], config: RunConfig) -> list[str]:
     lacks counts as its default: the run was written before the key existed, and every new key's default
     keeps the behaviour from before it."""
     now, defaults = config_to_flat(config), config_to_flat(RunConfig())
+    saved = dict(saved)
+    # a local path counts as the file it names here: runs from before the CLI made paths absolute (and any run
+    # of flwr run, whose config the CLI never reads) keep them as typed
+    for key, builtin in _local_path_builtins().items():
+        for flat in (saved, now):
+            if isinstance(flat.get(key), str):
+                flat[key] = _absolute_local(flat[key], builtin)
     return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
 
 

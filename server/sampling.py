@@ -51,15 +51,15 @@ def discover_partitions(
     """
     start = last_said = time.monotonic()
     last_count = -1
-    early: set[int] = set()  # nodes asked while waiting for the others: a wrong num-partitions is refused at once
+    probed = False  # one node asked while the others are awaited: a wrong num-partitions is refused at once
     while len(node_ids := sorted(grid.get_node_ids())) < num_partitions:
         waited = time.monotonic() - start
         if len(node_ids) >= min_required and waited > wait_s:
             log.warning("going on with %d of %d nodes connected", len(node_ids), num_partitions)
             break
-        if fresh := set(node_ids) - early:
-            early |= fresh
-            _refuse_mismatched(grid, fresh, num_partitions, wait_s)
+        if node_ids and not probed:
+            probed = True
+            _refuse_mismatched(grid, node_ids[:1], num_partitions, wait_s)
         if len(node_ids) < min_required and time.monotonic() - last_said >= 30.0:  # waits for as long as it takes
             last_said = time.monotonic()
             log.warning("waiting for nodes (%.0f s): %d connected, a round needs %d (federation.clients_per_round) "
@@ -80,9 +80,11 @@ def discover_partitions(
     return dict(sorted(mapping.items()))
 
 
-def _refuse_mismatched(grid: Grid, node_ids: set[int], num_partitions: int, wait_s: float) -> None:
+def _refuse_mismatched(grid: Grid, node_ids: list[int], num_partitions: int, wait_s: float) -> None:
     """Ask ``node_ids`` (connected while the others are awaited) for their partition count, and refuse a wrong one
-    at once: no later node can make the run's data split theirs."""
+    at once: no later node can make the run's data split theirs. One node is asked (every node is asked again
+    once the wait ends, and in a deployment each ask starts a ClientApp process): a simulation tells every node
+    the same count, and SuperNodes are usually started from one command line."""
     mismatched: dict[int, int] = {}
     claimed_partitions(grid, node_ids, num_partitions, timeout=max(60.0, wait_s), mismatched=mismatched)
     _raise_mismatch(mismatched, num_partitions)

@@ -567,7 +567,11 @@ class DevFTStrategy(Strategy):
         evaluate_config = evaluate_config or ConfigRecord()
         self.summary()
         result = Result()
-        self.run_dir.check(self.resume)  # a directory it cannot use is refused before the wait for nodes
+        self.run_dir.check(self.resume)  # a directory it cannot use is refused before the wait for nodes, and so is
+        if self.resume:                  # a checkpoint of another config (checked again when it is loaded)
+            payload = load_checkpoint(self.run_dir.checkpoint)
+            if payload is not None:
+                self._check_resumable(json.loads(payload["config"]))
         self._discover(grid)  # before anything is written: a federation that cannot run this config leaves no run
         rows = self._initialise(initial_arrays)
         self.run_dir.write_config(config_to_dict(self.config))
@@ -705,8 +709,9 @@ class DevFTStrategy(Strategy):
                                            same_set=True)
             loss = means.get("eval-loss")
             # the clients' personalised submodels are not evaluated separately (that would double their eval)
+            # evaluated only where some client's loss counted (replies with errors or non-finite losses do not)
             evaluation.update(eval_loss=loss, eval_accuracy=means.get("eval-accuracy"),
-                              submodel_eval_loss=loss if identity else None, eval_clients=count)
+                              submodel_eval_loss=loss if identity else None, eval_clients=count, evaluated=count > 0)
             eval_s = time.perf_counter() - eval_start
         elif self._is_eval_round(server_round):
             eval_start = time.perf_counter()
@@ -840,7 +845,8 @@ class DevFTStrategy(Strategy):
         summary = self._summary(rows)
         self.run_dir.write_summary(summary)
         final = summary["final"]
-        if final["round"] is not None and not _finite(final["eval_loss"]):
+        last = next((r for r in rows if r["round"] == final["round"]), {})
+        if last.get("evaluated") and not _finite(final["eval_loss"]):
             log.warning("the final eval loss (round %s) is not finite: the model diverged (see the rounds' failures "
                         "and skipped updates in %s)", final["round"], self.run_dir.path / "report.md")
 

@@ -48,7 +48,8 @@ def write_report(run_dir: str | Path) -> Path:
         if final:
             of = ("mean held-out eval loss of the sampled clients' own (personalised) models"
                   if run.personalised_eval else "full-model eval loss")
-            diverged = final.get("round") is not None and final.get("eval_loss") is None
+            row = next((r for r in run.rounds if r.get("round") == final.get("round")), {})
+            diverged = bool(row.get("evaluated")) and final.get("eval_loss") is None
             loss = "NaN (not finite: the model diverged)" if diverged else fmt(final.get("eval_loss"))
             lines.append(f"- final {of} {loss}, exact-match accuracy {fmt(final.get('eval_accuracy'))}")
         totals = s.get("totals") or {}

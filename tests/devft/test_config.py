@@ -113,9 +113,13 @@ def test_a_quoted_set_value_is_a_toml_string_as_flower_writes_it():
     config = config_from_flat({k: v for k, v in overrides.items() if k != "data.source"})
     assert config.federation.method == "fedit" and config.model.name == "tiny-llama"
     assert config.data.families == ("add", "sort_numbers") and config.eval.batch_size == 4
-    with pytest.raises(ValueError, match=r"--set model.name=\"a\"b\": not a valid quoted string"):
-        parse_overrides(['model.name="a"b"'])
-    assert parse_overrides(['model.name="unbalanced']) == {"model.name": '"unbalanced'}  # not quoted: as typed
+    # not one TOML string: as typed, as before (a list of quoted items is split and unquoted by the list coercion)
+    assert parse_overrides(['model.name="unbalanced']) == {"model.name": '"unbalanced'}
+    targets = parse_overrides(['lora.targets="q_proj","v_proj"'])
+    assert targets == {"lora.targets": '"q_proj","v_proj"'}
+    assert config_from_flat(targets).lora.targets == ("q_proj", "v_proj")
+    assert parse_overrides(['data.source="C:\\x"']) == {"data.source": '"C:\\x"'}  # \x: no TOML escape
+    assert parse_overrides(["data.source='C:\\x'"]) == {"data.source": "C:\\x"}  # a TOML literal string
 
 
 def test_the_flwr_run_config_file_keeps_any_string_and_number():
@@ -160,3 +164,20 @@ def test_the_cli_reads_configs_with_their_local_paths_absolute(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     assert _config(None, ["data.source=good.jsonl"]).data.source == str(tmp_path / "good.jsonl")
+
+
+def test_a_local_path_is_the_same_key_whether_saved_as_typed_or_absolute(tmp_path, monkeypatch):
+    """Runs from before the CLI made paths absolute (and runs of flwr run) saved data.source as typed: resuming
+    or reusing them from the same directory is the same config."""
+    from devft.config import changed_keys, config_to_flat, with_local_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    typed = load_config(None, {"data.source": "good.jsonl"})
+    absolute = with_local_paths_absolute(typed)
+    assert absolute.data.source == str(tmp_path / "good.jsonl")
+    assert changed_keys(config_to_flat(typed), absolute) == []
+    assert changed_keys(config_to_flat(absolute), typed) == []
+    assert changed_keys(config_to_flat(typed), typed) == []
+    other = with_local_paths_absolute(load_config(None, {"data.source": "tasks"}))
+    assert changed_keys(config_to_flat(typed), other) == ["data.source"]

@@ -167,9 +167,13 @@ def test_resume_after_interruption_is_bitwise_identical(devft_run, run_inprocess
         k: v for k, v in summaries[1]["totals"].items() if k != "client_train_s"}
 
 
-def test_resume_refuses_a_different_config(devft_run, smoke_config, run_inprocess):
+def test_resume_refuses_a_different_config(devft_run, smoke_config, run_inprocess, monkeypatch):
+    from server.strategy import DevFTStrategy
+
     _, out, _ = devft_run
     before = (out / "metrics.jsonl").read_text()
+    # refused before the wait for nodes (under flwr run, a federation short of nodes would wait for good)
+    monkeypatch.setattr(DevFTStrategy, "_discover", lambda self, grid: pytest.fail("waited for nodes first"))
     with pytest.raises(ValueError, match="train.lr"):
         run_inprocess(smoke_config(train__lr=0.5, federation__target_eval_loss=100.0), out, resume=True)
     assert (out / "metrics.jsonl").read_text() == before
@@ -999,6 +1003,35 @@ def test_the_summary_names_the_loops_that_summed_the_rounds(wire_dtype, smoke_co
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert bool(round_sums) == (wire_dtype == "float32"), round_sums
     assert summary["server_aggregation"]["backend"] == ("native" if round_sums else "torch")
+
+
+def test_a_personalised_round_whose_evaluations_were_all_lost_is_not_called_diverged(smoke_config, private_env,
+                                                                                    tmp_path, caplog):
+    """FedSA evaluates on the clients: when every evaluation reply is an error (the SuperLink's answer for a node
+    that went away), the round has no eval loss, and that is not a NaN one."""
+    from flwr.app import Error, Message, MessageType
+    from flwr.common.constant import ErrorCode
+
+    from client.app import app as client_app
+    from server.app import run_server
+
+    class EvaluationsLost(InProcessGrid):
+        def _call(self, message):
+            if message.metadata.message_type != MessageType.EVALUATE:
+                return super()._call(message)
+            reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
+            reply.metadata.__dict__["_message_id"] = "lost-" + message.metadata.message_id
+            return reply
+
+    out = tmp_path / "run"
+    config = smoke_config(federation__aggregation="fedsa", federation__num_rounds=2)
+    with caplog.at_level("WARNING"):
+        run_server(EvaluationsLost(client_app, 4), config, out)
+    table = rows(out)
+    assert [r["evaluated"] for r in table] == [False, False] and table[-1]["eval_loss"] is None
+    assert "client evaluation failed" in caplog.text and "is not finite" not in caplog.text
+    report = (out / "report.md").read_text()
+    assert "NaN" not in report and "diverged" not in report
 
 
 def test_the_servers_default_thread_count_follows_the_cpus_it_may_use(monkeypatch):
