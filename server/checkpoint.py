@@ -37,13 +37,14 @@ def save_checkpoint(directory: Path, payload: dict[str, Any]) -> Path:
     return target
 
 
-def load_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The last complete checkpoint in ``directory``, or None when there is none."""
+def load_checkpoint(directory: Path, mmap: bool = False) -> dict[str, Any] | None:
+    """The last complete checkpoint in ``directory``, or None when there is none. ``mmap``: tensors stay in the
+    file until read (a look at the checkpoint's config and round costs no read of its LoRA and base delta)."""
     path = directory / CHECKPOINT_FILE
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - a torn or foreign file, whatever torch says about it
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it was not written by a "
                          "complete save (those are atomic): restore it or start a new run directory") from err

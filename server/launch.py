@@ -179,7 +179,7 @@ def _check_checkpoint(directory: RunDirectory, config: RunConfig) -> int:
     from server.checkpoint import load_checkpoint
     from server.strategy import check_resumable
 
-    payload = load_checkpoint(directory.checkpoint)
+    payload = load_checkpoint(directory.checkpoint, mmap=True)
     if payload is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {str(directory.checkpoint)!r}")
     check_resumable(json.loads(payload["config"]), config, directory.path)

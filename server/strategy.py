@@ -569,7 +569,7 @@ class DevFTStrategy(Strategy):
         result = Result()
         self.run_dir.check(self.resume)  # a directory it cannot use is refused before the wait for nodes, and so is
         if self.resume:                  # a checkpoint of another config (checked again when it is loaded)
-            payload = load_checkpoint(self.run_dir.checkpoint)
+            payload = load_checkpoint(self.run_dir.checkpoint, mmap=True)
             if payload is not None:
                 self._check_resumable(json.loads(payload["config"]))
         self._discover(grid)  # before anything is written: a federation that cannot run this config leaves no run
